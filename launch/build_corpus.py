@@ -1,0 +1,43 @@
+"""Builds a token store from a corpus config (resumable; refuses to clobber).
+
+    python launch/build_corpus.py --config=experiments/corpus_stdlib.py \
+        [--config.corpus.seq_len=256] [--config.tokenizer.kind=byte]
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from saejax.config import ConfigError, CorpusJobConfig, from_config  # noqa: E402
+from saejax.data.corpus import build_token_store  # noqa: E402
+from saejax.data.sources import CorpusError  # noqa: E402
+from saejax.data.token_store import StoreError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/corpus_stdlib.py",
+                                          "corpus config file (experiments/corpus_*.py)")
+
+
+def main(argv):
+    del argv
+    try:
+        job = from_config(CorpusJobConfig, _CONFIG.value)
+        store = build_token_store(job)
+    except (ConfigError, CorpusError, StoreError) as e:
+        logging.error("%s", e)
+        sys.exit(f"build_corpus: {e}")
+    meta = store.metadata
+    print(store)
+    print(json.dumps({"report": meta["report"],
+                      "splits": {s: {k: v for k, v in i.items() if k != "chunks"}
+                                 for s, i in meta["splits"].items()},
+                      "tokenizer": meta["tokenizer"], "build_seconds": meta["build_seconds"]},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,274 @@
+"""Typed, frozen, validated configuration.
+
+Experiments are written as ``ml_collections.ConfigDict`` files (``experiments/*.py``
+with a ``get_config()``); absl flags override any field (``--config.corpus.seq_len=256``).
+Library code never sees a ConfigDict: launch scripts call :func:`from_config` once, at
+the edge, to build the frozen dataclasses below, and every dataclass validates itself in
+``__post_init__`` with errors that name the field, the bad value and what is allowed.
+
+Later modules add their own config dataclasses next to the code that uses them and reuse
+the ``check_*`` helpers here, so that every error reads the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field and what is allowed."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"config field {name!r} = {value!r} is invalid: {allowed}")
+
+
+def check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raises :class:`ConfigError` naming ``name`` and ``value`` unless ``ok``."""
+    if not ok:
+        _fail(name, value, allowed)
+
+
+def check_positive(name: str, value: int | float) -> None:
+    check(name, value, isinstance(value, (int, float)) and value > 0, "must be > 0")
+
+
+def check_nonnegative(name: str, value: int | float) -> None:
+    check(name, value, isinstance(value, (int, float)) and value >= 0, "must be >= 0")
+
+
+def check_fraction(name: str, value: float, *, closed: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and (0 <= value <= 1 if closed else 0 <= value < 1)
+    check(name, value, ok, "must be in [0, 1]" if closed else "must be in [0, 1)")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    check(name, value, value in choices, f"must be one of {list(choices)}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Converts a ConfigDict leaf to the annotated type, or raises ConfigError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError:
+                pass
+        _fail(name, value, f"must be {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        check_choice(name, value, get_args(tp))
+        return value
+    if origin in (tuple, Sequence, list):
+        check(name, value, isinstance(value, (list, tuple)), "must be a sequence")
+        args = get_args(tp)
+        item = args[0] if args else Any
+        return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_config(tp, value, prefix=name)
+    if tp is bool:
+        check(name, value, isinstance(value, bool), "must be a bool (true/false)")
+        return value
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        check(name, value, ok, "must be an integer")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        check(name, value, ok, "must be a number")
+        return float(value)
+    if tp is str:
+        check(name, value, isinstance(value, str), "must be a string")
+        return value
+    return value
+
+
+def from_config(cls: type[T], config: Mapping[str, Any] | Any, *, prefix: str = "config") -> T:
+    """Builds the frozen dataclass ``cls`` from a ConfigDict (or any mapping).
+
+    Nested dataclass fields are built recursively; missing keys take the dataclass
+    defaults; unknown keys are an error (a typo must never be silently ignored).
+
+    Args:
+      cls: a dataclass type.
+      config: a ``ConfigDict``, ``FrozenConfigDict`` or plain mapping.
+      prefix: the dotted name used in error messages.
+
+    Returns:
+      An instance of ``cls``, already validated by its ``__post_init__``.
+    """
+    if dataclasses.is_dataclass(config) and isinstance(config, cls):
+        return config
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        _fail(prefix, config, f"must be a section with the fields of {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {[f'{prefix}.{k}' for k in unknown]}; "
+            f"{cls.__name__} accepts {sorted(fields)}"
+        )
+    kwargs = {}
+    for key, value in config.items():
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a (nested) config dataclass, for metadata records."""
+    return dataclasses.asdict(obj)
+
+
+def replace(obj: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that re-validates."""
+    return dataclasses.replace(obj, **changes)
+
+
+# --------------------------------------------------------------------------------------
+# Configs owned by the foundation (mesh, tokenizer, corpus, loader).
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over axes ("data", "model"); -1 fills the remaining devices."""
+
+    data: int = -1
+    model: int = 1
+
+    def __post_init__(self):
+        for name in ("data", "model"):
+            v = getattr(self, name)
+            check(f"mesh.{name}", v, v == -1 or v >= 1, "must be >= 1, or -1 to fill the rest")
+        check("mesh", (self.data, self.model), not (self.data == -1 and self.model == -1),
+              "at most one of mesh.data and mesh.model may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host initialisation (``jax.distributed.initialize``)."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_processes is not None:
+            check_positive("distributed.num_processes", self.num_processes)
+        if self.process_id is not None:
+            check_nonnegative("distributed.process_id", self.process_id)
+            if self.num_processes is not None:
+                check("distributed.process_id", self.process_id,
+                      self.process_id < self.num_processes,
+                      f"must be < distributed.num_processes ({self.num_processes})")
+
+
+TokenizerKind = Literal["byte", "bpe", "file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer turns text into ids.
+
+    kind: "byte" (256 byte ids + end-of-text, no files), "bpe" (trained on the corpus with
+      HF ``tokenizers``, saved next to the token store) or "file" (a user's tokenizer.json).
+    """
+
+    kind: TokenizerKind = "bpe"
+    vocab_size: int = 4096
+    path: str | None = None
+    eot_token: str = "<|endoftext|>"
+
+    def __post_init__(self):
+        check_choice("tokenizer.kind", self.kind, get_args(TokenizerKind))
+        if self.kind == "bpe":
+            check("tokenizer.vocab_size", self.vocab_size, 258 <= self.vocab_size <= 1 << 20,
+                  "must be in [258, 1048576] for a BPE tokenizer (256 bytes + end-of-text + merges)")
+        if self.kind == "file":
+            check("tokenizer.path", self.path, bool(self.path),
+                  "must name a tokenizer.json when tokenizer.kind='file'")
+
+
+CorpusSource = Literal["stdlib", "text", "jsonl"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """Corpus -> token store.
+
+    source: "stdlib" (the running Python's standard library source, the embedded default),
+      "text" (a directory, searched recursively, or a glob of text files) or "jsonl"
+      (a file or glob of JSON-lines files with a text field).
+    """
+
+    source: CorpusSource = "stdlib"
+    path: str | None = None
+    text_field: str = "text"
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    seed: int = 0
+    out_dir: str = "runs/corpus/stdlib"
+    chunk_mb: float = 16.0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_choice("corpus.source", self.source, get_args(CorpusSource))
+        if self.source in ("text", "jsonl"):
+            check("corpus.path", self.path, bool(self.path),
+                  f"must name a directory, file or glob when corpus.source={self.source!r}")
+        check("corpus.seq_len", self.seq_len, isinstance(self.seq_len, int) and self.seq_len >= 2,
+              "must be an integer >= 2 (tokens per context)")
+        check_fraction("corpus.val_fraction", self.val_fraction)
+        check_positive("corpus.chunk_mb", self.chunk_mb)
+        check("corpus.out_dir", self.out_dir, bool(self.out_dir), "must be a non-empty path")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """Token-store loader. ``batch_size`` is global (all processes together)."""
+
+    batch_size: int = 64
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    window_chunks: int = 4
+    prefetch: int = 2
+
+    def __post_init__(self):
+        check_positive("loader.batch_size", self.batch_size)
+        if self.num_epochs is not None:
+            check_positive("loader.num_epochs", self.num_epochs)
+        check_positive("loader.window_chunks", self.window_chunks)
+        check_nonnegative("loader.prefetch", self.prefetch)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusJobConfig:
+    """``launch/build_corpus.py``: everything needed to build a token store."""
+
+    corpus: CorpusConfig = CorpusConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()

@@ -1,0 +1,179 @@
+"""Grain pipeline over a chunked store: windowed shuffle, per-process shards, global batches.
+
+Reading rows one at a time from tensorstore is orders of magnitude too slow, so the
+pipeline reads whole chunks: each epoch it permutes this process's chunks, groups them
+into windows of ``window_chunks`` chunks, reads a window with one read per chunk and
+permutes the rows inside the window. Batch ``j`` of the grain ``MapDataset`` is a pure
+function of ``(seed, j)``, so the iterator's state is one integer and a restored iterator
+yields exactly the batches the original would have.
+
+Multi-process: each jax process owns a contiguous, equal-sized row range of the split
+(grain's ``ShardByJaxProcess``) and loads ``batch_size / process_count`` rows per step;
+:func:`saejax.parallel.host_to_global` assembles the global batch on the mesh.
+
+Legend: B global batch, b per-process batch, T tokens per context.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import grain
+import jax
+import numpy as np
+from jaxtyping import Array, Int
+
+from saejax import parallel
+from saejax.config import ConfigError, LoaderConfig
+from saejax.data.token_store import TokenStore
+
+ReadRows = Callable[[int, int], np.ndarray]
+
+
+class ChunkShuffleBatches(grain.MapDataset):
+    """Batch ``j`` -> this process's ``b`` rows of global batch ``j``.
+
+    Args:
+      read_rows: reads rows [start, stop) of the split (one tensorstore read).
+      num_rows: rows in the split.
+      chunk_rows: the store's rows per chunk (reads never cross a chunk).
+      batch_size: rows per batch for this process.
+      seed: shuffle seed (the same on every process).
+      shuffle: permute chunk order and rows within windows every epoch.
+      num_epochs: None repeats forever.
+      window_chunks: chunks mixed together by the row permutation.
+      shard_index, shard_count: this process's row range among ``shard_count``.
+    """
+
+    def __init__(self, read_rows: ReadRows, num_rows: int, chunk_rows: int, batch_size: int, *,
+                 seed: int, shuffle: bool, num_epochs: int | None, window_chunks: int,
+                 shard_index: int = 0, shard_count: int = 1):
+        super().__init__()
+        per_shard = num_rows // shard_count
+        self._lo = shard_index * per_shard
+        self._hi = self._lo + per_shard
+        self.batches_per_epoch = per_shard // batch_size
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"config field 'loader.batch_size' = {batch_size * shard_count} is invalid: each "
+                f"of the {shard_count} processes needs {batch_size} rows per batch but its shard "
+                f"of the split has only {per_shard} rows")
+        self._read = read_rows
+        self._batch = batch_size
+        self._seed, self._shuffle, self._epochs = seed, shuffle, num_epochs
+        starts = list(range(self._lo - self._lo % chunk_rows, self._hi, chunk_rows))
+        self._blocks = [(max(s, self._lo), min(s + chunk_rows, self._hi)) for s in starts]
+        self._window_chunks = window_chunks
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._epoch_plan: dict[int, tuple[list[list[tuple[int, int]]], np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        if self._epochs is None:
+            return sys.maxsize
+        return self._epochs * self.batches_per_epoch
+
+    def __str__(self) -> str:
+        return f"ChunkShuffleBatches(rows=[{self._lo},{self._hi}), b={self._batch})"
+
+    def _plan(self, epoch: int) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
+        """Windows of blocks for an epoch, and the cumulative row count at window ends."""
+        if epoch not in self._epoch_plan:
+            order = np.arange(len(self._blocks))
+            if self._shuffle:
+                order = np.random.default_rng([self._seed, epoch]).permutation(order)
+            w = self._window_chunks
+            windows = [[self._blocks[i] for i in order[k:k + w]] for k in range(0, len(order), w)]
+            ends = np.cumsum([sum(b - a for a, b in win) for win in windows])
+            self._epoch_plan = {epoch: (windows, ends)}  # keep one epoch's plan
+        return self._epoch_plan[epoch]
+
+    def _window(self, epoch: int, w: int, blocks: list[tuple[int, int]]) -> np.ndarray:
+        key = (epoch, w)
+        if key not in self._cache:
+            rows = np.concatenate([self._read(a, b) for a, b in blocks])
+            if self._shuffle:
+                rows = rows[np.random.default_rng([self._seed, epoch, w]).permutation(len(rows))]
+            self._cache[key] = rows
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        epoch, j = divmod(index, self.batches_per_epoch)
+        with self._lock:
+            windows, ends = self._plan(epoch)
+            pos = np.arange(j * self._batch, (j + 1) * self._batch)
+            win_of = np.searchsorted(ends, pos, side="right")
+            out = []
+            for w in np.unique(win_of):
+                start = ends[w - 1] if w else 0
+                rows = self._window(epoch, int(w), windows[w])
+                out.append(rows[pos[win_of == w] - start])
+            return np.concatenate(out)
+
+
+class TokenLoader:
+    """Iterator of global token batches ``Int[Array, "B T"]`` sharded over "batch".
+
+    Example::
+
+        loader = TokenLoader(store_dir, "train", LoaderConfig(batch_size=64), mesh)
+        batch = next(loader)
+        state = loader.get_state()   # JSON-serialisable; store it in the checkpoint
+        loader.set_state(state)      # continues with exactly the same batches
+    """
+
+    def __init__(self, store: TokenStore | str, split: str, config: LoaderConfig,
+                 mesh: jax.sharding.Mesh):
+        self.store = TokenStore.open(store) if isinstance(store, str) else store
+        self.split, self.config, self.mesh = split, config, mesh
+        parallel.check_divisible("loader.batch_size", config.batch_size, mesh, parallel.DATA)
+        local = parallel.process_batch_size(config.batch_size)
+        shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+        self.dataset = ChunkShuffleBatches(
+            lambda a, b: self.store.read(split, a, b), self.store.rows(split),
+            self.store.chunk_rows, local, seed=config.seed, shuffle=config.shuffle,
+            num_epochs=config.num_epochs, window_chunks=config.window_chunks,
+            shard_index=shard.shard_index, shard_count=shard.shard_count)
+        read = grain.ReadOptions(num_threads=1 if config.prefetch else 0,
+                                 prefetch_buffer_size=config.prefetch)
+        self._iter = iter(self.dataset.to_iter_dataset(read))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset.batches_per_epoch
+
+    def _identity(self) -> dict:
+        return {"store": self.store.metadata["fingerprint"], "split": self.split,
+                "batch_size": self.config.batch_size, "seed": self.config.seed,
+                "shuffle": self.config.shuffle, "processes": jax.process_count()}
+
+    def next_local(self) -> np.ndarray:
+        """This process's rows of the next batch, as int32 NumPy [b, T]."""
+        return next(self._iter)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Int[Array, "B T"]:
+        return parallel.host_to_global(self.next_local(), self.mesh, ("batch", None))
+
+    def get_state(self) -> dict:
+        return {"iterator": self._iter.get_state(), **self._identity()}
+
+    def set_state(self, state: dict) -> None:
+        """Restores a position saved by :meth:`get_state` (refuses a different stream)."""
+        ident = self._identity()
+        diff = {k: (state.get(k), v) for k, v in ident.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"loader state was saved for a different data stream; "
+                             f"(saved, now) differ in {diff}")
+        self._iter.set_state(state["iterator"])

@@ -1,0 +1,186 @@
+"""Token store: packed contexts [N, T] in tensorstore zarr3 arrays, one per split.
+
+Layout of a store directory::
+
+    metadata.json        status ("writing" | "complete"), settings fingerprint, tokenizer,
+                         manifest, counts, per-split rows and per-chunk sha256 checksums
+    tokenizer_info.json  (+ tokenizer.json for BPE / user tokenizers)
+    train.zarr/ val.zarr/
+
+``metadata.json`` is rewritten atomically after every chunk lands, so a killed build
+leaves a store that says exactly how far it got: opening it for reading raises
+:class:`IncompleteStoreError`, and re-running the same build resumes after the last
+committed chunk (re-deriving earlier chunks and checking their checksums).
+
+Legend: N contexts (rows), T tokens per context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SPLITS = ("train", "val")
+
+
+class StoreError(RuntimeError):
+    """Base class of store errors."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store was not completely written (interrupted build)."""
+
+
+class CorruptStoreError(StoreError):
+    """Stored data does not match its recorded checksums or shape."""
+
+
+class StoreExistsError(StoreError):
+    """A store with different settings is in the way and overwrite was not requested."""
+
+
+def chunk_checksum(block: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metadata(directory: str) -> dict | None:
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _spec(directory: str, split: str) -> dict:
+    return {"driver": "zarr3", "kvstore": {"driver": "file",
+                                           "path": os.path.join(os.path.abspath(directory), f"{split}.zarr")}}
+
+
+def create_array(directory: str, split: str, seq_len: int, chunk_rows: int, dtype: str
+                 ) -> ts.TensorStore:
+    spec = _spec(directory, split)
+    spec["metadata"] = {
+        "shape": [0, seq_len], "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, seq_len]}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+    }
+    return ts.open(spec, create=True, delete_existing=True).result()
+
+
+def open_array(directory: str, split: str, *, write: bool = False) -> ts.TensorStore:
+    kwargs = {"open": True, "read": True, "write": write}
+    return ts.open(_spec(directory, split), **kwargs).result()
+
+
+class TokenStore:
+    """Read access to a completed token store.
+
+    Use :meth:`open`; it refuses half-written stores. ``read`` returns int32 tokens.
+    """
+
+    def __init__(self, directory: str, metadata: dict):
+        self.directory = directory
+        self.metadata = metadata
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    @classmethod
+    def open(cls, directory: str) -> TokenStore:
+        meta = read_metadata(directory)
+        if meta is None:
+            raise FileNotFoundError(f"no token store at {directory!r} ({METADATA_FILE} missing); "
+                                    f"build one with launch/build_corpus.py")
+        if meta.get("kind") != "token_store":
+            raise StoreError(f"{directory!r} holds a {meta.get('kind')!r}, not a token store")
+        if meta.get("status") != "complete":
+            done = {s: meta["splits"][s]["rows"] for s in meta.get("splits", {})}
+            raise IncompleteStoreError(
+                f"token store {directory!r} is half-written (status={meta.get('status')!r}, rows "
+                f"committed so far: {done}); re-run the same build_corpus command to resume it, "
+                f"or set corpus.overwrite=true to start over")
+        store = cls(directory, meta)
+        for split, info in meta["splits"].items():
+            if info["rows"] and store.array(split).shape[0] < info["rows"]:
+                raise CorruptStoreError(f"{directory}/{split}.zarr has {store.array(split).shape[0]} "
+                                        f"rows but the metadata records {info['rows']}")
+        return store
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return int(self.metadata["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.metadata["tokenizer"]["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.metadata["tokenizer"]["eot_id"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.metadata["chunk_rows"])
+
+    def rows(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.metadata["splits"][split]["rows"])
+
+    def tokenizer(self):
+        from saejax.data.tokenizer import load_tokenizer
+        return load_tokenizer(self.directory)
+
+    # -- reads --------------------------------------------------------------------------
+    def _check_split(self, split: str) -> None:
+        if split not in self.metadata["splits"]:
+            raise KeyError(f"token store has no split {split!r}; it has "
+                           f"{sorted(self.metadata['splits'])}")
+
+    def array(self, split: str) -> ts.TensorStore:
+        self._check_split(split)
+        if split not in self._arrays:
+            self._arrays[split] = open_array(self.directory, split)
+        return self._arrays[split]
+
+    def read(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a split as int32 [stop - start, T] (one tensorstore read)."""
+        n = self.rows(split)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"rows [{start}, {stop}) out of range for split {split!r} with {n} rows")
+        return self.array(split)[start:stop].read().result().astype(np.int32)
+
+    def verify(self, splits: tuple[str, ...] | None = None) -> None:
+        """Re-reads every chunk and checks it against the recorded sha256.
+
+        Raises:
+          CorruptStoreError: naming the first chunk that does not match.
+        """
+        for split in splits or tuple(self.metadata["splits"]):
+            info = self.metadata["splits"][split]
+            arr = self.array(split)
+            for i, digest in enumerate(info["chunks"]):
+                lo = i * self.chunk_rows
+                hi = min(lo + self.chunk_rows, info["rows"])
+                block = arr[lo:hi].read().result()
+                if chunk_checksum(block) != digest:
+                    raise CorruptStoreError(f"{self.directory}/{split}.zarr chunk {i} (rows "
+                                            f"{lo}:{hi}) does not match its recorded checksum")
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s}={self.rows(s)}" for s in self.metadata["splits"])
+        return f"TokenStore({self.directory!r}, T={self.seq_len}, vocab={self.vocab_size}, {parts})"

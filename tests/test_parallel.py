@@ -1,0 +1,60 @@
+"""Mesh construction, logical-axis rules and host -> global batches on 8 fake devices."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from saejax import parallel
+from saejax.config import ConfigError, DistributedConfig, MeshConfig
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (MeshConfig(), (8, 1)), (MeshConfig(data=2, model=-1), (2, 4)),
+    (MeshConfig(data=-1, model=8), (1, 8)), (MeshConfig(data=4, model=2), (4, 2)),
+])
+def test_make_mesh_fills_minus_one(cfg, shape):
+    mesh = parallel.make_mesh(cfg)
+    assert mesh.axis_names == ("data", "model")
+    assert (mesh.shape["data"], mesh.shape["model"]) == shape
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+@pytest.mark.parametrize("cfg", [MeshConfig(data=3), MeshConfig(data=2, model=2),
+                                 MeshConfig(model=3)])
+def test_make_mesh_rejects_impossible_shapes(cfg):
+    with pytest.raises(ConfigError, match="mesh"):
+        parallel.make_mesh(cfg)
+
+
+def test_logical_rules():
+    assert parallel.logical_to_spec(("batch", "latent")) == PartitionSpec("data", "model")
+    assert parallel.logical_to_spec(("batch", None, "embed")) == PartitionSpec("data", None, None)
+    with pytest.raises(KeyError, match="unknown logical axis 'nope'"):
+        parallel.logical_to_spec(("nope",))
+
+
+def test_host_to_global_lands_rows_on_the_right_devices():
+    mesh = parallel.make_mesh(MeshConfig(data=4, model=2))
+    host = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    arr = parallel.host_to_global(host, mesh, ("batch", None))
+    assert arr.shape == (8, 3)
+    np.testing.assert_array_equal(np.asarray(arr), host)
+    # Device at mesh position (i, j) holds rows [2i, 2i+2), replicated over j.
+    for i in range(4):
+        for j in range(2):
+            dev = mesh.devices[i, j]
+            shard = next(s for s in arr.addressable_shards if s.device == dev)
+            np.testing.assert_array_equal(np.asarray(shard.data), host[2 * i:2 * i + 2])
+
+
+def test_batch_divisibility_errors():
+    mesh = parallel.make_mesh(MeshConfig())
+    with pytest.raises(ConfigError, match="divisible by the mesh's 'data' axis size 8"):
+        parallel.check_divisible("loader.batch_size", 12, mesh, "data")
+    assert parallel.process_batch_size(16) == 16
+
+
+def test_initialize_distributed_disabled_is_a_noop():
+    parallel.initialize_distributed(DistributedConfig(enabled=False))
+    assert jax.process_count() == 1
