@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from saejax.config import ConfigError, CorpusJobConfig, from_config  # noqa: E402

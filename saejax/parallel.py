@@ -41,7 +41,8 @@ LOGICAL_RULES: Mapping[str, str | None] = {
 }
 
 
-def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
     """Builds the ("data", "model") mesh.
 
     Args:
@@ -54,6 +55,7 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     Raises:
       ConfigError: if the sizes do not multiply to the number of devices.
     """
+    config = config or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     data, model = config.data, config.model

@@ -1,5 +1,6 @@
 """Typed configs: building from ConfigDicts, validation messages, absl flag overrides."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,8 +22,8 @@ def test_from_config_builds_nested_frozen_dataclasses():
     job = from_config(CorpusJobConfig, cd)
     assert job.corpus == CorpusConfig(seq_len=64, val_fraction=0.1)
     assert job.tokenizer.kind == "byte"
-    with pytest.raises(Exception):
-        job.corpus.seq_len = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.corpus.seq_len = 3
 
 
 @pytest.mark.parametrize("section,key,value,needle", [

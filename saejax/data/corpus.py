@@ -22,7 +22,7 @@ from absl import logging
 
 from saejax.config import CorpusConfig, CorpusJobConfig, to_dict
 from saejax.data import sources, token_store
-from saejax.data.tokenizer import Tokenizer, load_tokenizer, make_tokenizer
+from saejax.data.tokenizer import load_tokenizer, make_tokenizer
 
 _ENCODE_BATCH = 64  # documents per encode_batch call
 _MAX_LISTED = 100   # skipped-file names kept in the metadata
