@@ -131,6 +131,17 @@ def host_to_global(local: np.ndarray, mesh: Mesh, axes: Sequence[str | None]) ->
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
+def global_to_local(arr: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded over its leading axis, in order.
+
+    The inverse of :func:`host_to_global`; replicas (e.g. over "model") are read once.
+    """
+    shards = {}
+    for s in arr.addressable_shards:
+        shards.setdefault(s.index[0].start or 0, s)
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
 def process_batch_size(global_batch: int) -> int:
     """Rows each process loads for a global batch; errors clearly if it does not split."""
     p = jax.process_count()

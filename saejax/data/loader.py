@@ -24,7 +24,6 @@ from collections.abc import Callable
 import grain
 import jax
 import numpy as np
-from jaxtyping import Array, Int
 
 from saejax import parallel
 from saejax.config import ConfigError, LoaderConfig
@@ -120,60 +119,96 @@ class ChunkShuffleBatches(grain.MapDataset):
             return np.concatenate(out)
 
 
-class TokenLoader:
-    """Iterator of global token batches ``Int[Array, "B T"]`` sharded over "batch".
+class BatchLoader:
+    """Iterates a :class:`ChunkShuffleBatches` and returns global batches on the mesh.
 
-    Example::
-
-        loader = TokenLoader(store_dir, "train", LoaderConfig(batch_size=64), mesh)
-        batch = next(loader)
-        state = loader.get_state()   # JSON-serialisable; store it in the checkpoint
-        loader.set_state(state)      # continues with exactly the same batches
+    ``get_state()`` is JSON-serialisable (store it in the checkpoint); ``set_state``
+    continues with exactly the batches the saved loader would have produced, and refuses a
+    state saved for a different data stream.
     """
 
-    def __init__(self, store: TokenStore | str, split: str, config: LoaderConfig,
-                 mesh: jax.sharding.Mesh):
-        self.store = TokenStore.open(store) if isinstance(store, str) else store
-        self.split, self.config, self.mesh = split, config, mesh
-        parallel.check_divisible("loader.batch_size", config.batch_size, mesh, parallel.DATA)
-        local = parallel.process_batch_size(config.batch_size)
-        shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-        self.dataset = ChunkShuffleBatches(
-            lambda a, b: self.store.read(split, a, b), self.store.rows(split),
-            self.store.chunk_rows, local, seed=config.seed, shuffle=config.shuffle,
-            num_epochs=config.num_epochs, window_chunks=config.window_chunks,
-            shard_index=shard.shard_index, shard_count=shard.shard_count)
-        read = grain.ReadOptions(num_threads=1 if config.prefetch else 0,
-                                 prefetch_buffer_size=config.prefetch)
-        self._iter = iter(self.dataset.to_iter_dataset(read))
+    def __init__(self, dataset: ChunkShuffleBatches, mesh: jax.sharding.Mesh,
+                 axes: tuple[str | None, ...], identity: dict, prefetch: int):
+        self.dataset, self.mesh, self._axes, self._ident = dataset, mesh, axes, identity
+        read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+        self._iter = iter(dataset.to_iter_dataset(read))
 
     @property
     def batches_per_epoch(self) -> int:
         return self.dataset.batches_per_epoch
 
-    def _identity(self) -> dict:
-        return {"store": self.store.metadata["fingerprint"], "split": self.split,
-                "batch_size": self.config.batch_size, "seed": self.config.seed,
-                "shuffle": self.config.shuffle, "processes": jax.process_count()}
-
     def next_local(self) -> np.ndarray:
-        """This process's rows of the next batch, as int32 NumPy [b, T]."""
+        """This process's rows of the next batch, as NumPy."""
         return next(self._iter)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> Int[Array, "B T"]:
-        return parallel.host_to_global(self.next_local(), self.mesh, ("batch", None))
+    def __next__(self) -> jax.Array:
+        return parallel.host_to_global(self.next_local(), self.mesh, self._axes)
 
     def get_state(self) -> dict:
-        return {"iterator": self._iter.get_state(), **self._identity()}
+        return {"iterator": self._iter.get_state(), **self._ident}
 
     def set_state(self, state: dict) -> None:
-        """Restores a position saved by :meth:`get_state` (refuses a different stream)."""
-        ident = self._identity()
-        diff = {k: (state.get(k), v) for k, v in ident.items() if state.get(k) != v}
+        diff = {k: (state.get(k), v) for k, v in self._ident.items() if state.get(k) != v}
         if diff:
             raise ValueError(f"loader state was saved for a different data stream; "
                              f"(saved, now) differ in {diff}")
         self._iter.set_state(state["iterator"])
+
+
+def _shard_dataset(read_rows: ReadRows, num_rows: int, chunk_rows: int, config: LoaderConfig,
+                   mesh: jax.sharding.Mesh) -> ChunkShuffleBatches:
+    parallel.check_divisible("loader.batch_size", config.batch_size, mesh, parallel.DATA)
+    local = parallel.process_batch_size(config.batch_size)
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return ChunkShuffleBatches(
+        read_rows, num_rows, chunk_rows, local, seed=config.seed, shuffle=config.shuffle,
+        num_epochs=config.num_epochs, window_chunks=config.window_chunks,
+        shard_index=shard.shard_index, shard_count=shard.shard_count)
+
+
+def _identity(config: LoaderConfig, **kw) -> dict:
+    return {**kw, "batch_size": config.batch_size, "seed": config.seed, "shuffle": config.shuffle,
+            "processes": jax.process_count()}
+
+
+class TokenLoader(BatchLoader):
+    """Global token batches ``Int[Array, "B T"]`` (int32) sharded over "batch".
+
+    Example::
+
+        loader = TokenLoader(store_dir, "train", LoaderConfig(batch_size=64), mesh)
+        batch = next(loader)
+        state = loader.get_state()
+        loader.set_state(state)
+    """
+
+    def __init__(self, store: TokenStore | str, split: str, config: LoaderConfig,
+                 mesh: jax.sharding.Mesh):
+        self.store = TokenStore.open(store) if isinstance(store, str) else store
+        self.split, self.config = split, config
+        dataset = _shard_dataset(lambda a, b: self.store.read(split, a, b), self.store.rows(split),
+                                 self.store.chunk_rows, config, mesh)
+        ident = _identity(config, store=self.store.metadata["fingerprint"], split=split)
+        super().__init__(dataset, mesh, ("batch", None), ident, config.prefetch)
+
+
+class ActivationLoader(BatchLoader):
+    """Global activation batches ``Float[Array, "B D"]`` sharded over "batch".
+
+    Rows come back in the stored dtype (float32 or bfloat16); every chunk is read whole and
+    its crc32 checked, so a corrupt chunk raises instead of being trained on.
+    """
+
+    def __init__(self, store, config: LoaderConfig, mesh: jax.sharding.Mesh):
+        from saejax.data.activation_store import ActivationStore
+
+        self.store = ActivationStore.open(store) if isinstance(store, str) else store
+        self.config = config
+        dataset = _shard_dataset(self.store.read_rows, self.store.rows, self.store.chunk_rows,
+                                 config, mesh)
+        ident = _identity(config, store=self.store.metadata["crc32"][:4],
+                          rows=self.store.rows)
+        super().__init__(dataset, mesh, ("batch", None), ident, config.prefetch)
