@@ -1,0 +1,175 @@
+"""Checkpoints: an orbax CheckpointManager holding train state, data position and metadata.
+
+Each step directory holds three items:
+  * ``state``: any pytree of arrays (params, optimizer state, counters, RNG key, step), saved
+    asynchronously (the train loop keeps running while it is written);
+  * ``data``: the data iterator's JSON state (``loader.get_state()``), so a resumed run reads
+    exactly the batches it would have read;
+  * ``metadata``: a JSON record (config, versions, normalisation constants, ...).
+
+Restore may target a different mesh than the one that saved: pass an abstract pytree of
+``jax.ShapeDtypeStruct`` carrying the new shardings (:func:`abstract_with_shardings`). Every
+jax process takes part in save and restore; orbax writes from the primary process.
+Half-written (async, interrupted) steps are never listed, so the latest *complete* step is
+always what :meth:`Checkpointer.restore` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import flax
+import jax
+import optax
+import orbax.checkpoint as ocp
+
+STATE, DATA, METADATA = "state", "data", "metadata"
+
+
+def abstract_with_shardings(tree: Any, shardings: Any | None = None) -> Any:
+    """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs) carrying ``shardings``.
+
+    Args:
+      tree: a pytree of arrays or ShapeDtypeStructs (e.g. from ``jax.eval_shape``).
+      shardings: a matching pytree of ``jax.sharding.Sharding`` (or None to keep each leaf's).
+    """
+    if shardings is None:
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+class Checkpointer:
+    """Keep-N, optionally async checkpoints of (state, data-iterator state, metadata).
+
+    Example:
+      ckpt = Checkpointer(workdir + "/checkpoints", keep=3)
+      if ckpt.latest_step() is not None:
+          state, data_state, meta = ckpt.restore(abstract_state)
+      ckpt.save(step, state, data_state=loader.get_state(), metadata={...})
+      ckpt.close()  # waits for pending async writes
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE, DATA, METADATA))
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, *, data_state: dict | None = None,
+             metadata: dict | None = None, force: bool = False) -> bool:
+        """Starts saving ``step`` (returns before the write finishes when async).
+
+        Args:
+          step: the step number (directory name).
+          state: pytree of jax arrays; must not be donated/mutated until written (orbax copies
+            device buffers before returning, so the caller may donate it to the next step).
+          data_state: JSON-serialisable data iterator state.
+          metadata: JSON-serialisable record.
+          force: save even if this step already exists (it is then overwritten).
+
+        Returns:
+          True if a save was started.
+        """
+        if step in self._manager.all_steps():
+            if not force:
+                return False
+            self._manager.wait_until_finished()
+            self._manager.delete(step)
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            DATA: ocp.args.JsonSave(data_state or {}),
+            METADATA: ocp.args.JsonSave(metadata or {}),
+        })
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def restore(self, abstract_state: Any, step: int | None = None
+                ) -> tuple[Any, dict, dict]:
+        """Restores (state, data_state, metadata) of ``step`` (default: latest).
+
+        Args:
+          abstract_state: pytree of ShapeDtypeStructs with target shardings (see
+            :func:`abstract_with_shardings`); arrays are restored onto those shardings, which
+            may describe a different mesh than the one that saved.
+          step: which step; default the latest complete one.
+
+        Raises:
+          FileNotFoundError: if there is no checkpoint.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state),
+            DATA: ocp.args.JsonRestore(),
+            METADATA: ocp.args.JsonRestore(),
+        })
+        out = self._manager.restore(step, args=args)
+        return out[STATE], dict(out[DATA] or {}), dict(out[METADATA] or {})
+
+    def restore_metadata(self, step: int | None = None) -> dict:
+        """Only the JSON metadata of ``step`` (default latest); cheap, no arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            **{METADATA: ocp.args.JsonRestore()}))
+        return dict(out[METADATA] or {})
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag that a training loop checks between steps.
+
+    The loop then saves a checkpoint of a whole step and exits; no step is left half done.
+    Installed only on the main thread (signal handlers cannot be set elsewhere).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in checkpoint metadata."""
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "orbax": ocp.__version__}

@@ -1,0 +1,147 @@
+"""Bring your own model: a local Hugging Face GPT-2-architecture checkpoint -> Transformer.
+
+Reads ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
+from a directory; nothing is downloaded and neither torch nor transformers is needed (the
+safetensors format is parsed here with NumPy). GPT-2 specifics: Conv1D weights are stored
+[in, out] (already our x @ W layout, i.e. transposed relative to nn.Linear), the fused c_attn
+columns are (q | k | v) with heads contiguous, the unembedding is tied to wte, LayerNorm
+eps from the config (1e-5), activation ``gelu_new`` (tanh GELU).
+
+Legend: D d_model, M d_mlp, V vocab, H heads, K head width, N positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from saejax.lm.config import ModelConfig
+from saejax.lm.model import Transformer, abstract_model
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
+                "relu": "relu"}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as NumPy arrays (header + raw little-endian)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        lo, hi = info["data_offsets"]
+        arr = np.frombuffer(data[lo:hi], dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def _read_weights(directory: str) -> dict[str, np.ndarray]:
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for name in files:
+            out.update(read_safetensors(os.path.join(directory, name)))
+        return out
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
+                            f"{directory!r} (save the model with safe_serialization=True)")
+
+
+def gpt2_model_config(hf: dict) -> ModelConfig:
+    """Our ModelConfig for a GPT-2 ``config.json`` dict; rejects variants we do not implement."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"only GPT-2-architecture checkpoints are supported, got model_type "
+                         f"{hf.get('model_type')!r}")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation_function {act!r}; known: {sorted(_ACTIVATIONS)}")
+    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                     ("scale_attn_weights", True)):
+        if hf.get(flag, ok) != ok:
+            raise ValueError(f"unsupported GPT-2 option {flag}={hf[flag]!r}")
+    d = hf["n_embd"]
+    return ModelConfig(vocab_size=hf["vocab_size"], max_len=hf["n_positions"], d_model=d,
+                       n_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d,
+                       n_layers=hf["n_layer"], activation=_ACTIVATIONS[act],
+                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True)
+
+
+def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
+    """Loads a local GPT-2-architecture HF checkpoint directory into a :class:`Transformer`.
+
+    Args:
+      directory: holds ``config.json`` and ``model.safetensors`` (``save_pretrained``).
+      compute_dtype: matmul dtype of the resulting model (parameters are float32).
+
+    Returns:
+      The model; its forward matches ``GPT2LMHeadModel`` (logits and MLP activations).
+    """
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    cfg = gpt2_model_config(hf)
+    if compute_dtype != cfg.compute_dtype:
+        from saejax.config import replace
+
+        cfg = replace(cfg, compute_dtype=compute_dtype)
+    w = _read_weights(directory)
+    prefix = "transformer." if "transformer.wte.weight" in w else ""
+
+    def get(name: str) -> np.ndarray:
+        key = prefix + name
+        if key not in w:
+            raise KeyError(f"{directory}: missing tensor {key!r}")
+        return np.asarray(w[key], np.float32)
+
+    D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
+    model = abstract_model(cfg)
+    graphdef, abstract = nnx.split(model, nnx.Param)
+    values = {"wte": get("wte.weight"), "wpe": get("wpe.weight"),
+              "ln_f": {"scale": get("ln_f.weight"), "bias": get("ln_f.bias")}, "blocks": {}}
+    for i in range(cfg.n_layers):
+        h = f"h.{i}."
+        values["blocks"][i] = {
+            "ln1": {"scale": get(h + "ln_1.weight"), "bias": get(h + "ln_1.bias")},
+            "ln2": {"scale": get(h + "ln_2.weight"), "bias": get(h + "ln_2.bias")},
+            "attn": {"qkv_w": get(h + "attn.c_attn.weight").reshape(D, 3, H, K),
+                     "qkv_b": get(h + "attn.c_attn.bias").reshape(3, H, K),
+                     "o_w": get(h + "attn.c_proj.weight").reshape(H, K, D),
+                     "o_b": get(h + "attn.c_proj.bias")},
+            "mlp": {"w_in": get(h + "mlp.c_fc.weight"), "b_in": get(h + "mlp.c_fc.bias"),
+                    "w_out": get(h + "mlp.c_proj.weight"), "b_out": get(h + "mlp.c_proj.bias")},
+        }
+    if "lm_head.weight" in w and not np.array_equal(w["lm_head.weight"], w[prefix + "wte.weight"]):
+        raise ValueError("lm_head.weight differs from wte.weight: untied GPT-2 heads are not "
+                         "supported")
+    expected = nnx.to_pure_dict(abstract)
+    _check_shapes(expected, values)
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, values))
+    return nnx.merge(graphdef, abstract)
+
+
+def _check_shapes(expected, values, path: str = "") -> None:
+    if isinstance(expected, dict):
+        for k in expected:
+            _check_shapes(expected[k], values[k], f"{path}.{k}" if path else str(k))
+        return
+    if tuple(expected.shape) != tuple(values.shape):
+        raise ValueError(f"parameter {path}: checkpoint shape {values.shape} != model shape "
+                         f"{expected.shape}")
+

@@ -1,0 +1,69 @@
+"""Loading a trained LM for analysis: our checkpoints or a Hugging Face GPT-2 directory.
+
+    model, meta = load_lm("runs/lm/paper")            # latest checkpoint of a training run
+    out = model(tokens, sites=("mlp.post",), logits=False)
+
+``load_lm`` restores only what analysis needs (parameters, model config, tokenizer location),
+replicated on ``mesh`` (default: all devices, data-parallel), whatever mesh trained it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+
+from saejax import parallel
+from saejax.checkpoint import Checkpointer, abstract_with_shardings
+from saejax.config import MeshConfig, from_config
+from saejax.lm.config import ModelConfig, OptimConfig
+from saejax.lm.model import Transformer, abstract_model, param_shardings
+from saejax.lm.train import TrainState, make_optimizer
+
+
+def checkpoint_dir(path: str) -> str:
+    """``path`` itself if it holds step directories, else ``path/checkpoints``."""
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def load_lm(path: str, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+            ) -> tuple[Transformer, dict[str, Any]]:
+    """Restores a model for analysis.
+
+    Args:
+      path: a training workdir (or its ``checkpoints`` dir), or a local HF GPT-2 directory
+        (one with ``config.json``).
+      step: checkpoint step (default latest); ignored for HF directories.
+      mesh: target mesh for the parameters (default ``make_mesh(MeshConfig())``).
+
+    Returns:
+      (model, metadata): metadata holds "model" (ModelConfig dict), "train", "unigram",
+      "store_dir" (where the tokenizer lives) and "step"; for HF, {"hf_config_dir": path}.
+    """
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from saejax.lm.hf_import import load_gpt2
+
+        return load_gpt2(path), {"hf_config_dir": os.path.abspath(path)}
+    mesh = mesh or parallel.make_mesh(MeshConfig())
+    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        meta = ckpt.restore_metadata(step)
+        model_cfg = from_config(ModelConfig, meta["model"])
+        optim_cfg = from_config(OptimConfig, meta["train"]["optim"])
+        graphdef, params = nnx.split(abstract_model(model_cfg), nnx.Param)
+        optimizer = make_optimizer(optim_cfg, meta["train"]["num_steps"])
+        p_shard = param_shardings(params, mesh)
+        rep = parallel.replicated(mesh)
+        abstract = TrainState(step=jax.ShapeDtypeStruct((), "int32"), params=params,
+                              opt_state=jax.eval_shape(optimizer.init, params))
+        shardings = jax.tree.map(lambda _: rep, abstract)
+        shardings = shardings.replace(params=p_shard)
+        state, _, _ = ckpt.restore(abstract_with_shardings(abstract, shardings), step)
+    finally:
+        ckpt.close()
+    meta["step"] = step
+    return nnx.merge(graphdef, state.params), meta

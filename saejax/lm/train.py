@@ -1,0 +1,322 @@
+"""LM training: AdamW + warmup/cosine, clipping, data parallel, checkpoints, metrics.
+
+The pure step ``train_step(state, tokens) -> (state, metrics)`` is jitted once at setup with
+in/out shardings and the state donated; the host reads each step's metrics one step late so the
+device never waits. :func:`train` is the loop: it owns the loaders, the checkpointer and the
+metric writers, resumes from the latest checkpoint (params, optimizer state and loader
+position), stops with :class:`NonFiniteLossError` on a non-finite loss (leaving the last good
+checkpoint), and saves a checkpoint on SIGTERM/SIGINT before returning.
+
+Legend: B batch, T sequence (tokens per row; the model sees T-1 inputs), V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx, struct
+from jaxtyping import Array, Float, Int
+
+from saejax import parallel
+from saejax.checkpoint import Checkpointer, StopSignal, abstract_with_shardings, versions
+from saejax.config import replace, to_dict
+from saejax.lm.config import LMTrainConfig, ModelConfig, OptimConfig
+from saejax.lm.model import abstract_model, forward, init_params, param_shardings, split_params
+from saejax.metrics import MetricWriter, ProgressBar
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the last good checkpoint."""
+
+
+@struct.dataclass
+class TrainState:
+    step: Int[Array, ""]
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def lr_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=num_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW; weight decay on matrices only (not biases/LayerNorm)."""
+    adamw = optax.adamw(lr_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+def next_token_loss(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]) -> Float[Array, ""]:
+    """Mean cross-entropy in nats/token (float32, flattened to 2-D)."""
+    V = logits.shape[-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.reshape(-1, V).astype(jnp.float32), targets.reshape(-1))
+    return ce.mean()
+
+
+def lm_loss(params: nnx.State, graphdef: nnx.GraphDef, tokens: Int[Array, "B T"],
+            **forward_kwargs) -> Float[Array, ""]:
+    """Next-token loss of ``tokens[:, 1:]`` given ``tokens[:, :-1]`` (interventions allowed)."""
+    logits = forward(graphdef, params, tokens[:, :-1], **forward_kwargs).logits
+    return next_token_loss(logits, tokens[:, 1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """Everything the loop (or a test/benchmark) needs, built once."""
+
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    train_step: Any  # jitted (state, tokens) -> (state, metrics); donates state
+    eval_step: Any  # jitted (params, tokens) -> loss
+
+
+def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_steps: int,
+                     mesh: jax.sharding.Mesh, seed: int = 0) -> tuple[TrainState, StepFns]:
+    """Builds the initial state placed on ``mesh`` and the jitted step functions.
+
+    Optimizer-state shardings are derived from the parameter shardings explicitly.
+    """
+    graphdef, abstract = split_params(abstract_model(model_cfg))
+    p_shard = param_shardings(abstract, mesh)
+    _, params = init_params(model_cfg, seed, p_shard)
+    optimizer = make_optimizer(optim_cfg, num_steps)
+    rep = parallel.replicated(mesh)
+    opt_shard = optax.tree_map_params(
+        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_shard,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                       opt_state=opt_state)
+    state_shardings = TrainState(step=rep, params=p_shard, opt_state=opt_shard)
+    fns = make_step_fns(graphdef, optimizer, lr_schedule(optim_cfg, num_steps), state_shardings,
+                        mesh)
+    return state, fns
+
+
+def make_step_fns(graphdef, optimizer, schedule, state_shardings: TrainState,
+                  mesh: jax.sharding.Mesh) -> StepFns:
+    batch_sharding = parallel.named_sharding(mesh, ("batch", None))
+    rep = parallel.replicated(mesh)
+
+    def train_step(state: TrainState, tokens: Int[Array, "B T"]):
+        loss, grads = jax.value_and_grad(lm_loss)(state.params, graphdef, tokens)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(params: nnx.State, tokens: Int[Array, "B T"]):
+        return lm_loss(params, graphdef, tokens)
+
+    return StepFns(
+        graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+        state_shardings=state_shardings, batch_sharding=batch_sharding,
+        train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                           out_shardings=(state_shardings, rep), donate_argnums=0),
+        eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
+                          out_shardings=rep))
+
+
+def unigram_baseline(store, chunk_rows: int = 4096) -> dict[str, float]:
+    """Loss of the best context-free predictor: the train token distribution scored on val.
+
+    Returns ``{"train_entropy": H(p_train), "val_cross_entropy": H(p_val, p_train)}`` in nats per
+    token, with add-one smoothing so val tokens unseen in train have a finite cost.
+    """
+    V = store.vocab_size
+
+    def counts(split: str) -> np.ndarray:
+        c = np.zeros(V, np.int64)
+        n = store.rows(split)
+        for lo in range(0, n, chunk_rows):
+            c += np.bincount(store.read(split, lo, min(lo + chunk_rows, n)).ravel(), minlength=V)
+        return c
+
+    train, val = counts("train"), counts("val")
+    logp = np.log((train + 1.0) / (train.sum() + V))
+    p = train / max(train.sum(), 1)
+    return {"train_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum()),
+            "val_cross_entropy": float(-(val * logp).sum() / max(val.sum(), 1))}
+
+
+def resolve_model_config(model: ModelConfig, store) -> ModelConfig:
+    """Fills vocab_size from the store and checks the context fits."""
+    if model.vocab_size == 0:
+        model = replace(model, vocab_size=store.vocab_size)
+    elif model.vocab_size < store.vocab_size:
+        raise ValueError(f"config field 'model.vocab_size' = {model.vocab_size} is invalid: "
+                         f"the token store has {store.vocab_size} token ids")
+    if model.max_len < store.seq_len - 1:
+        raise ValueError(f"config field 'model.max_len' = {model.max_len} is invalid: must be >= "
+                         f"the store's seq_len - 1 ({store.seq_len - 1})")
+    return model
+
+
+def evaluate(fns: StepFns, params: nnx.State, loader, num_batches: int) -> float:
+    """Mean loss over ``num_batches`` val batches, always the same ones (position reset)."""
+    start = loader.get_state()
+    try:
+        losses = [fns.eval_step(params, next(loader)) for _ in range(num_batches)]
+        return float(np.mean(jax.device_get(losses)))
+    finally:
+        loader.set_state(start)
+
+
+def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the LM described by ``config``.
+
+    Args:
+      config: the run; ``config.workdir`` holds checkpoints and metrics.
+      stop_at: stop after this step (checkpointing it) without changing the LR schedule;
+        used to test interruption and resumption in-process.
+
+    Returns:
+      A summary: final step, last train loss, val loss, unigram baseline, tokens/s, seconds.
+
+    Raises:
+      NonFiniteLossError: on a NaN/inf loss or gradient norm.
+    """
+    from saejax.data.loader import TokenLoader  # noqa: PLC0415 - data layer only for training
+    from saejax.data.token_store import TokenStore
+
+    t_start = time.perf_counter()
+    mesh = parallel.make_mesh(config.mesh)
+    store = TokenStore.open(config.store_dir)
+    model_cfg = resolve_model_config(config.model, store)
+    train_loader = TokenLoader(store, "train", config.loader, mesh)
+    val_cfg = replace(config.loader, shuffle=False, num_epochs=None)
+    val_loader = TokenLoader(store, "val", val_cfg, mesh)
+    eval_batches = config.eval_batches or val_loader.batches_per_epoch
+    tokens_per_step = config.loader.batch_size * (store.seq_len - 1)
+
+    state, fns = init_train_state(model_cfg, config.optim, config.num_steps, mesh, config.seed)
+    unigram = unigram_baseline(store)
+    metadata = {"model": to_dict(model_cfg), "train": to_dict(config), "versions": versions(),
+                "unigram": unigram, "store_dir": os.path.abspath(config.store_dir),
+                "store_fingerprint": store.metadata.get("fingerprint")}
+    ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"),
+                        keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    if ckpt.latest_step() is not None:
+        abstract = abstract_with_shardings(jax.eval_shape(lambda: state), fns.state_shardings)
+        state, data_state, _ = ckpt.restore(abstract)
+        train_loader.set_state(data_state["train"])
+        logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    start = int(jax.device_get(state.step))
+    end = config.num_steps if stop_at is None else min(stop_at, config.num_steps)
+
+    writer = MetricWriter(config.workdir)
+    bar = ProgressBar(config.num_steps, start_step=start, enabled=config.progress_bar)
+    writer.write_scalars(start, {"val/unigram_baseline": unigram["val_cross_entropy"],
+                                 "train/unigram_entropy": unigram["train_entropy"]})
+    logging.info("unigram baseline: val %.4f nats/token (train entropy %.4f)",
+                 unigram["val_cross_entropy"], unigram["train_entropy"])
+
+    summary: dict[str, Any] = {"unigram_val": unigram["val_cross_entropy"], "val_loss": None,
+                               "train_loss": None, "interrupted": None}
+    # Throughput is timed from the end of this run's first step (which includes compilation).
+    window = {"loss": 0.0, "n": 0, "timed": 0, "t": None, "tokens_per_s": 0.0}
+
+    def consume(step: int, metrics) -> None:
+        """Host side of step ``step``: finiteness check, logging, progress."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite training loss {m['loss']} (grad norm {m['grad_norm']}) at step "
+                f"{step}; stopping. The last good checkpoint is step {ckpt.latest_step()} in "
+                f"{ckpt.directory} (lower optim.lr or raise optim.warmup_steps and resume).")
+        summary["train_loss"] = m["loss"]
+        window["loss"] += m["loss"]
+        window["n"] += 1
+        now = time.perf_counter()
+        if window["t"] is None:
+            window["t"] = now
+        else:
+            window["timed"] += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == end:
+            if window["timed"]:
+                window["tokens_per_s"] = window["timed"] * tokens_per_step / (now - window["t"])
+            scalars = {"train/loss": window["loss"] / window["n"], "train/lr": m["lr"],
+                       "train/grad_norm": m["grad_norm"],
+                       "perf/tokens_per_s": window["tokens_per_s"]}
+            writer.write_scalars(done, scalars)
+            shown = {"loss": scalars["train/loss"], "lr": m["lr"], "tok/s": window["tokens_per_s"]}
+            if summary["val_loss"] is not None:
+                shown["val"] = summary["val_loss"]
+            bar.update(done, shown)
+            window.update(loss=0.0, n=0, timed=0, t=now)
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, data_state={"train": train_loader.get_state()},
+                  metadata=metadata)
+
+    pending = None
+    try:
+        with StopSignal() as stop:
+            for step in range(start, end):
+                if stop.signum is not None:
+                    break
+                state, metrics = fns.train_step(state, next(train_loader))
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, metrics)
+                done = step + 1
+                if done % config.checkpoint_every == 0 or done % config.eval_every == 0:
+                    consume(*pending)  # never checkpoint or evaluate unchecked state
+                    pending = None
+                    if done % config.eval_every == 0:
+                        summary["val_loss"] = evaluate(fns, state.params, val_loader, eval_batches)
+                        writer.write_scalars(done, {"val/loss": summary["val_loss"]})
+                    if done % config.checkpoint_every == 0:
+                        save(done)
+            if pending is not None:
+                consume(*pending)
+                pending = None
+            final = int(jax.device_get(state.step))
+            if stop.signum is not None:
+                summary["interrupted"] = signal.Signals(stop.signum).name
+                logging.warning("%s received: saving a checkpoint at step %d before exit",
+                                summary["interrupted"], final)
+            if final not in ckpt.all_steps():
+                save(final)
+        needs_eval = summary["val_loss"] is None or final % config.eval_every
+        if needs_eval and summary["interrupted"] is None:  # exit promptly when asked to stop
+            summary["val_loss"] = evaluate(fns, state.params, val_loader, eval_batches)
+            writer.write_scalars(final, {"val/loss": summary["val_loss"]})
+        bar.update(final, {"loss": summary["train_loss"] or math.nan,
+                           "val": summary["val_loss"] or math.nan,
+                           "tok/s": window["tokens_per_s"]}, force=True)
+    finally:
+        ckpt.close()
+        writer.close()
+        bar.close()
+    summary.update(step=final, tokens_per_s=window["tokens_per_s"],
+                   seconds=time.perf_counter() - t_start)
+    logging.info("done at step %d: train %.4f, val %.4f nats/token (unigram %.4f)", final,
+                 summary["train_loss"] or math.nan, summary["val_loss"] or math.nan,
+                 summary["unigram_val"])
+    return summary
