@@ -13,6 +13,7 @@ N buffer rows per shard, b SAE batch rows per shard.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -29,11 +30,13 @@ from saejax.config import ConfigError
 Producer = Callable[[Int[Array, "B T"]], Float[Array, "BT D"]]
 
 
-def lm_producer(graphdef, params, site: str, mesh: jax.sharding.Mesh) -> Producer:
-    """A jitted function tokens [B, T] -> activations [B*T, D] at ``site`` (float32).
+def lm_producer(graphdef, params, site: str, mesh: jax.sharding.Mesh,
+                context_len: int | None = None) -> Producer:
+    """A jitted function tokens [B, T] -> activations [B*T', D] at ``site`` (float32).
 
     The forward stops after the site's layer (no logits). Rows keep the token batch's
-    sharding over "batch", so no data moves between devices.
+    sharding over "batch", so no data moves between devices. With ``context_len`` only the
+    first T' = context_len positions of each context are run (the LM's own context).
     """
     from saejax.lm.model import forward
 
@@ -41,7 +44,8 @@ def lm_producer(graphdef, params, site: str, mesh: jax.sharding.Mesh) -> Produce
 
     @jax.jit
     def produce(tokens):
-        acts = forward(graphdef, params, tokens, sites=(site,), logits=False).acts[site]
+        tokens = tokens[:, :context_len]
+        (acts,) = forward(graphdef, params, tokens, sites=(site,), logits=False).acts.values()
         acts = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
         return jax.lax.with_sharding_constraint(acts, out_sharding)
 
@@ -244,3 +248,63 @@ def harvest(writer, produce: Producer, read_tokens: Callable[[int, int], np.ndar
     return {"chunks": len(mine) - start, "rows": rows_done, "seconds": dt,
             "rows_per_s": rows_done / dt if dt else float("nan")}
 
+
+
+def run_harvest(cfg) -> dict:
+    """``launch/harvest.py``: restore the LM, run it over a token range, write the store.
+
+    Args:
+      cfg: a ``saejax.train_config.HarvestConfig``.
+
+    Returns:
+      The completed store's metadata (on process 0) plus a summary of this run.
+    """
+    from saejax.data.activation_store import ActivationStoreWriter
+    from saejax.data.token_store import TokenStore
+    from saejax.lm.model import split_params
+    from saejax.lm.restore import load_lm
+    from saejax.lm.sites import canonical_site
+
+    mesh = parallel.make_mesh(cfg.mesh)
+    lm, meta = load_lm(cfg.lm_dir, mesh=mesh)
+    graphdef, params = split_params(lm)
+    site = canonical_site(cfg.site, lm.cfg.n_layers)
+    store = TokenStore.open(meta["store_dir"])
+    context = min(store.seq_len, lm.cfg.max_len)
+    produce = lm_producer(graphdef, params, site, mesh, context_len=context)
+    d = jax.eval_shape(produce, jax.ShapeDtypeStruct((cfg.lm_batch_size, store.seq_len),
+                                                     jnp.int32)).shape[-1]
+    procs = jax.process_count()
+    available = store.rows(cfg.split) - cfg.start_context
+    n_ctx = cfg.num_contexts or available
+    if n_ctx > available:
+        raise ConfigError(f"config field 'num_contexts' = {cfg.num_contexts} is invalid: only "
+                          f"{available} contexts of split {cfg.split!r} remain after "
+                          f"start_context={cfg.start_context}")
+    chunk_rows = harvest_chunk_rows(context, cfg.lm_batch_size // procs, cfg.sae_batch_size, d,
+                                    cfg.dtype, cfg.chunk_mb)
+    unit = chunk_rows * procs
+    rows = n_ctx * context // unit * unit
+    if rows == 0:
+        raise ConfigError(f"{n_ctx} contexts give {n_ctx * context} rows, fewer than one chunk "
+                          f"per process ({unit} rows); harvest more contexts or lower chunk_mb")
+    n_used = rows // context
+    plan = {"rows": rows, "d": int(d), "dtype": cfg.dtype, "chunk_rows": chunk_rows,
+            "site": site, "lm": {"dir": os.path.abspath(cfg.lm_dir), "step": meta.get("step"),
+                                 "store": store.metadata["fingerprint"]},
+            "tokens": {"store_dir": meta["store_dir"], "split": cfg.split,
+                       "contexts": [cfg.start_context, cfg.start_context + n_used],
+                       "positions": context},
+            "seed": cfg.seed}
+    writer = ActivationStoreWriter(cfg.out_dir, plan, process_index=jax.process_index(),
+                                   process_count=procs, overwrite=cfg.overwrite)
+    a0 = cfg.start_context
+
+    def read(a, b):
+        return store.read(cfg.split, a0 + a, a0 + b)
+
+    summary = harvest(writer, produce, read, mesh, contexts_per_step=cfg.lm_batch_size,
+                      seq_len=context, seed=cfg.seed)
+    out = writer.finalize()
+    logging.info("harvest: %s", summary)
+    return {**out, "summary": summary}

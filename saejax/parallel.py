@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import typing
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -179,6 +181,22 @@ def initialize_distributed(config: DistributedConfig) -> None:
     logging.info("jax process %d/%d: %d local devices, %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.default_backend())
+
+
+def exit_with_error(prog: str, error: BaseException) -> typing.NoReturn:
+    """Ends a launch script on a fatal error, without hanging a multi-process run.
+
+    ``sys.exit`` after ``jax.distributed.initialize`` waits at jax's shutdown barrier for
+    every other process (up to 300 s) when only this one failed; a hard exit lets the
+    launcher see the failure at once.
+    """
+    logging.error("%s: %s", prog, error)
+    if jax.process_count() > 1:
+        logging.flush()
+        sys.stderr.write(f"{prog}: {error}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(f"{prog}: {error}")
 
 
 def mesh_summary(mesh: Mesh) -> str:

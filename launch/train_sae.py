@@ -1,0 +1,52 @@
+"""Trains a sparse autoencoder on LM activations (on the fly or from a store); resumable.
+
+    python launch/train_sae.py --config=experiments/sae_paper.py:a1 \
+        --config.lm_dir=runs/lm/paper --config.workdir=runs/sae/a1
+
+Re-running the same command resumes exactly from the latest checkpoint. SIGTERM/SIGINT
+save a checkpoint before exiting; a non-finite loss stops with the last good one intact.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from saejax import parallel  # noqa: E402
+from saejax.config import ConfigError, from_config  # noqa: E402
+from saejax.metrics import quiet_orbax_logs  # noqa: E402
+from saejax.train_config import SAETrainConfig  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/sae_tiny.py", "SAE config")
+
+
+def main(argv):
+    del argv
+    quiet_orbax_logs()
+    try:
+        cfg = from_config(SAETrainConfig, _CONFIG.value)
+    except ConfigError as e:
+        sys.exit(f"train_sae: {e}")
+    parallel.initialize_distributed(cfg.distributed)
+    from saejax.data.token_store import StoreError
+    from saejax.sae.step import NonFiniteError
+    from saejax.train import train
+
+    try:
+        summary = train(cfg)
+    except (ConfigError, StoreError, FileNotFoundError, NonFiniteError) as e:
+        parallel.exit_with_error("train_sae", e)
+    summary.pop("params", None)
+    print(json.dumps({k: v for k, v in summary.items() if k != "train"}, indent=1, default=str))
+    if summary["interrupted"]:
+        print(f"train_sae: interrupted by {summary['interrupted']} at step {summary['step']}; "
+              f"checkpoint saved; re-run the same command to resume", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

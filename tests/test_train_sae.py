@@ -1,0 +1,199 @@
+"""The SAE pipeline end to end: exact resume after SIGKILL, SIGTERM, non-finite stop,
+store == on-the-fly activations, and the launch scripts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from saejax import parallel
+from saejax.config import (CorpusConfig, CorpusJobConfig, TokenizerConfig, from_config)
+from saejax.sae.step import NonFiniteError
+from saejax.train import load_sae, train
+from saejax.train_config import HarvestConfig, SAETrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """A tiny byte-level LM (2 training steps: a real checkpoint, not a good model)."""
+    from experiments import lm_tiny
+    from saejax.data.corpus import build_token_store
+    from saejax.lm.config import LMTrainConfig
+    from saejax.lm.train import train as train_lm
+
+    root = tmp_path_factory.mktemp("pipeline")
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(", ")", ":", "\n", "    "]
+    for i in range(40):
+        (src / f"{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    build_token_store(CorpusJobConfig(
+        corpus=CorpusConfig(source="text", path=str(src), seq_len=33, val_fraction=0.2,
+                            out_dir=str(root / "tokens")),
+        tokenizer=TokenizerConfig(kind="byte")))
+    cd = lm_tiny.get_config()
+    cd.store_dir = str(root / "tokens")
+    cd.workdir = str(root / "lm")
+    cd.num_steps = 2
+    cd.optim.warmup_steps = 1
+    cd.progress_bar = False
+    train_lm(from_config(LMTrainConfig, cd))
+    return str(root / "lm")
+
+
+def tiny_config(lm_dir, workdir, **overrides):
+    from experiments import sae_tiny
+
+    cd = sae_tiny.get_config()
+    cd.lm_dir = lm_dir
+    cd.workdir = str(workdir)
+    cd.progress_bar = False
+    cd.async_checkpoints = True
+    cd.eval_every = 1000  # only the final evaluation
+    for k, v in overrides.items():
+        node, *rest = k.split(".")
+        target = cd
+        for part in k.split(".")[:-1]:
+            target = target[part]
+        target[k.split(".")[-1]] = v
+    return cd
+
+
+def run_script(args, **kw):
+    env = dict(os.environ)  # keeps XLA_FLAGS: the same 8 fake devices as this process
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def flags(lm_dir, workdir):
+    return [f"{ROOT}/launch/train_sae.py", f"--config={ROOT}/experiments/sae_tiny.py",
+            f"--config.lm_dir={lm_dir}", f"--config.workdir={workdir}",
+            "--config.eval_every=1000", "--config.progress_bar=false"]
+
+
+def params_of(workdir):
+    params, _, meta = load_sae(str(workdir))
+    return jax.tree.map(np.asarray, params), meta
+
+
+def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(lm_dir, tmp_path):
+    ref = run_script(flags(lm_dir, tmp_path / "ref"))
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    want, meta = params_of(tmp_path / "ref")
+    assert meta["step"] == 60
+
+    work = tmp_path / "killed"
+    victim = run_script(flags(lm_dir, work))
+    ckpts = work / "checkpoints"
+    t0 = time.time()
+    while not (ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 30
+                                      for p in ckpts.iterdir())):
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.time() - t0 < 240, "no checkpoint appeared"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save: nothing is flushed
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    resumed = run_script(flags(lm_dir, work))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed" in out
+    got, meta = params_of(work)
+    assert meta["step"] == 60
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(lm_dir, tmp_path):
+    work = tmp_path / "term"
+    proc = run_script(flags(lm_dir, work) + ["--config.num_steps=100000",
+                                             "--config.checkpoint_every=100000"])
+    log = work / "metrics.jsonl"
+    t0 = time.time()
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < 240
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out  # did not finish: a scheduler may requeue it
+    assert "SIGTERM received: saving a checkpoint" in out
+    assert "re-run the same command to resume" in out
+    _, meta = params_of(work)
+    assert 20 <= meta["step"] < 100000
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(lm_dir, tmp_path):
+    cd = tiny_config(lm_dir, tmp_path / "nan", **{"num_steps": 60, "checkpoint_every": 10})
+    cfg = from_config(SAETrainConfig, cd)
+    train(cfg, stop_at=10)  # a good checkpoint at step 10
+    cd.sae.lr = 1e30          # the next updates overflow
+    bad = from_config(SAETrainConfig, cd)
+    # Resume with the bad optimiser settings: the first steps blow up the parameters.
+    with pytest.raises(NonFiniteError, match="last good checkpoint is step 10"):
+        train(bad)
+    params, _, meta = load_sae(str(tmp_path / "nan"))
+    assert meta["step"] == 10
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_store_source_trains_on_the_same_activations(lm_dir, tmp_path):
+    """Harvest, then train from the store == train on the LM's activations in that order."""
+    from saejax.activations import run_harvest
+    from saejax.data.activation_store import ActivationStore
+    from saejax.sae.step import init_state, make_train_step
+
+    hcfg = HarvestConfig(lm_dir=lm_dir, out_dir=str(tmp_path / "acts"), lm_batch_size=16,
+                         sae_batch_size=256, chunk_mb=0.06, num_contexts=64)
+    run_harvest(hcfg)
+    store = ActivationStore.open(str(tmp_path / "acts"))
+    assert store.metadata["plan"]["site"] == "blocks.0.mlp.post"
+    cd = tiny_config(lm_dir, tmp_path / "from_store", source="store",
+                     activation_store=str(tmp_path / "acts"), num_steps=8,
+                     **{"sae.resample_steps": (), "loader.shuffle": False,
+                        "loader.window_chunks": 1, "normalize": True})
+    cfg = from_config(SAETrainConfig, cd)
+    summary = train(cfg)
+    work = tmp_path / "from_store"
+    lines = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*lines)
+    assert {"train/loss", "train/l0", "train/frac_dead", "train/explained_variance",
+            "perf/tokens_per_s", "eval/frac_loss_recovered", "eval/kl_sae"} <= keys
+    assert any(p.name.startswith("events.out.tfevents") for p in work.iterdir())
+    evaluation = json.loads((work / "eval.json").read_text())
+    assert evaluation["step"] == 8 and np.isfinite(evaluation["frac_loss_recovered"])
+    assert np.load(work / "feature_density.npy").shape == (256,)
+
+    # The same steps by hand on the store's rows, in file order, with the same scale.
+    mesh = parallel.make_mesh(cfg.mesh)
+    scale = store.stats["norm_scale"]
+    rows = np.concatenate([store.read_chunk(i) for i in range(store.rows // store.chunk_rows)])
+    state = init_state(cfg.sae, mesh, rows[:16_384] * scale)
+    step = make_train_step(cfg.sae, mesh)
+    per_epoch = store.rows // 256
+    for i in range(8):
+        j = i % per_epoch
+        batch = parallel.host_to_global(rows[j * 256:(j + 1) * 256] * np.float32(scale), mesh,
+                                        ("batch", None))
+        state, _ = step(state, batch)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(summary["params"]),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_settings_fail_clearly(lm_dir, tmp_path):
+    cd = tiny_config(lm_dir, tmp_path / "w", **{"sae.d_in": 32})
+    with pytest.raises(Exception, match="'sae.d_in' = 32 is invalid.*has width 64"):
+        train(from_config(SAETrainConfig, cd))
+    with pytest.raises(Exception, match="buffer_rows"):
+        from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "w", buffer_rows=1000))
