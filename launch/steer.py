@@ -1,0 +1,95 @@
+"""Pinned-feature sampling: continue a prompt with one SAE feature clamped (or added).
+
+    python launch/steer.py --workdir=runs/sae/tiny --feature=123 --value=10 \
+        --prompt="def main(" --num_tokens=64 --num_samples=3
+
+Prints the baseline and the steered continuations (same random keys), or JSON with
+``--json``. ``--value`` pins the feature's activation (SAE units, i.e. after the input
+normalisation the SAE was trained with); ``--scale`` instead adds that multiple of the
+feature's decoder direction.
+
+The dictionary comes from an SAE training run (``--workdir``, latest checkpoint or
+``--step``), whose metadata names the LM and token store, or from an analysis export
+(``--sae=file.npz``, :func:`saejax.analysis.bundle.save_sae`), whose ``extra`` metadata may
+name ``lm_dir`` and ``store_dir``. ``--lm_dir`` / ``--store_dir`` override either.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("workdir", None, "SAE training workdir (saejax.train checkpoints)")
+flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default latest)")
+flags.DEFINE_string("sae", None, "SAE export (.npz, saejax.analysis.bundle.save_sae) "
+                    "instead of --workdir")
+flags.DEFINE_string("lm_dir", None, "LM training workdir or HF GPT-2 directory "
+                    "(default: the SAE export's extra['lm_dir'])")
+flags.DEFINE_string("store_dir", None, "token store whose tokenizer to use (default: the "
+                    "SAE export's extra['store_dir'], else the LM checkpoint's store_dir)")
+flags.DEFINE_integer("feature", None, "feature id to steer", required=True)
+flags.DEFINE_float("value", None, "clamp the feature to this activation (SAE units)")
+flags.DEFINE_float("scale", None, "add this multiple of the feature's decoder direction")
+flags.DEFINE_string("prompt", "\n", "prompt text")
+flags.DEFINE_integer("num_tokens", 64, "tokens to generate (capped by the model's max_len)")
+flags.DEFINE_integer("num_samples", 1, "continuations per setting")
+flags.DEFINE_float("temperature", 1.0, "sampling temperature (<= 0: greedy)")
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
+flags.DEFINE_integer("seed", 0, "sampling seed (shared by baseline and steered runs)")
+flags.DEFINE_bool("json", False, "print one JSON object instead of text")
+
+FLAGS = flags.FLAGS
+
+
+def load_inputs(sae_path: str | None, workdir: str | None, step: int | None,
+                lm_dir: str | None, store_dir: str | None):
+    """(lm, sae bundle, tokenizer): an export file or a training run, paths overridable."""
+    from saejax.analysis.bundle import load_sae, load_sae_run
+    from saejax.data.tokenizer import load_tokenizer
+    from saejax.lm.restore import load_lm
+
+    sae, extra = load_sae(sae_path) if sae_path else load_sae_run(workdir, step=step)
+    lm_dir = lm_dir or extra.get("lm_dir")
+    if not lm_dir:
+        raise ValueError("no LM: pass --lm_dir (the SAE export names none)")
+    model, meta = load_lm(lm_dir)
+    store_dir = store_dir or extra.get("store_dir") or meta.get("store_dir")
+    if not store_dir:
+        raise ValueError("no tokenizer: pass --store_dir (a token store directory)")
+    return model, sae, load_tokenizer(store_dir)
+
+
+def main(argv):
+    del argv
+    from saejax.analysis.steering import steer_text
+
+    if (FLAGS.value is None) == (FLAGS.scale is None):
+        sys.exit("steer: give exactly one of --value (clamp) or --scale (add)")
+    if (FLAGS.sae is None) == (FLAGS.workdir is None):
+        sys.exit("steer: give exactly one of --workdir (an SAE run) or --sae (an export)")
+    try:
+        model, sae, tokenizer = load_inputs(FLAGS.sae, FLAGS.workdir, FLAGS.step, FLAGS.lm_dir,
+                                            FLAGS.store_dir)
+        out = steer_text(model, sae, tokenizer, FLAGS.prompt, feature=FLAGS.feature,
+                         value=FLAGS.value, scale=FLAGS.scale, num_tokens=FLAGS.num_tokens,
+                         num_samples=FLAGS.num_samples, temperature=FLAGS.temperature,
+                         top_k=FLAGS.top_k, seed=FLAGS.seed)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"steer: {e}")
+    how = (f"clamped to {FLAGS.value}" if FLAGS.value is not None
+           else f"decoder direction added x{FLAGS.scale}")
+    if FLAGS.json:
+        print(json.dumps({"feature": FLAGS.feature, "steering": how, "prompt": FLAGS.prompt,
+                          **out}))
+        return
+    print(f"prompt: {FLAGS.prompt!r}\nfeature {FLAGS.feature} {how}\n")
+    for name in ("baseline", "steered"):
+        for i, text in enumerate(out[name]):
+            print(f"--- {name} {i} ---\n{text}\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
