@@ -1,0 +1,265 @@
+"""Train state, its shardings, initialisation and the pure, jitted SAE train step.
+
+The state is one pytree (params, Adam state, last-fired step per feature, root RNG key,
+step). The latent axis of everything per-feature (W_enc rows, b_enc, W_dec rows,
+their Adam moments, last_fired) is sharded over the mesh's "latent" rule; batches over
+"batch". ``make_train_step`` jits once with explicit in/out shardings and donates the state.
+
+Legend: B batch, D input width, F features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+from saejax.config import ConfigError
+from saejax.parallel import check_divisible, named_sharding, replicated
+from saejax.sae import model
+from saejax.sae.config import SAEConfig
+from saejax.sae.geometric_median import geometric_median
+from saejax.sae.model import PARAM_AXES, SAEParams
+
+BATCH_AXES = ("batch", "d_in")
+# Metrics whose value is per feature; every other metric is a replicated scalar.
+PER_FEATURE_METRICS = ("feature_counts",)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient was NaN/Inf; the step kept the previous parameters."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes.
+
+    Attributes:
+      params: SAE parameters (f32).
+      opt_state: optax Adam state; moments sharded like their parameters.
+      last_fired: per feature, the value of ``step`` after the last step in which it fired
+        on some input (0 at initialisation). Dead = ``step - last_fired >= dead_window``.
+      key: the root RNG key (raw uint32[2], checkpoint-friendly); per-use keys are
+        ``fold_in(key, step)``.
+      step: number of completed steps.
+    """
+
+    params: SAEParams
+    opt_state: Any
+    last_fired: Int[Array, " F"]
+    key: UInt32[Array, " 2"]
+    step: Int[Array, ""]
+
+
+def make_optimizer(config: SAEConfig) -> optax.GradientTransformation:
+    """Adam with the config's learning rate and betas."""
+    return optax.adam(config.lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+
+
+def check_mesh(config: SAEConfig, mesh: Mesh) -> None:
+    """Raises ConfigError unless the dictionary splits evenly over the latent axis."""
+    axis = named_sharding(mesh, ("latent",)).spec[0]
+    if axis is not None:
+        check_divisible("sae.n_features", config.n_features, mesh, axis)
+
+
+def param_shardings(mesh: Mesh) -> SAEParams:
+    return jax.tree.map(lambda axes: named_sharding(mesh, axes), PARAM_AXES,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _abstract_params(config: SAEConfig) -> SAEParams:
+    d, f = config.d_in, config.n_features
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return SAEParams(W_enc=s(f, d), b_enc=s(f), W_dec=s(f, d), b_dec=s(d))
+
+
+def opt_state_shardings(config: SAEConfig, mesh: Mesh, opt: optax.GradientTransformation | None = None) -> Any:
+    """Adam-state shardings derived from the parameter shardings (moments = their param's)."""
+    opt = opt or make_optimizer(config)
+    abstract = jax.eval_shape(opt.init, _abstract_params(config))
+    return optax.tree_utils.tree_map_params(
+        opt, lambda _, sharding: sharding, abstract, param_shardings(mesh),
+        transform_non_params=lambda _: replicated(mesh))
+
+
+def state_shardings(config: SAEConfig, mesh: Mesh) -> TrainState:
+    """The NamedSharding of every leaf of the train state."""
+    return TrainState(params=param_shardings(mesh), opt_state=opt_state_shardings(config, mesh),
+                      last_fired=named_sharding(mesh, ("latent",)), key=replicated(mesh),
+                      step=replicated(mesh))
+
+
+def metric_shardings(mesh: Mesh, names: Any) -> dict[str, NamedSharding]:
+    return {k: named_sharding(mesh, ("latent",)) if k in PER_FEATURE_METRICS else replicated(mesh)
+            for k in names}
+
+
+def _init(key: Array, b_dec: Array, config: SAEConfig) -> TrainState:
+    params = model.init_params(jax.random.fold_in(key, 0), config, b_dec)
+    return TrainState(params=params, opt_state=make_optimizer(config).init(params),
+                      last_fired=jnp.zeros((config.n_features,), jnp.int32), key=key,
+                      step=jnp.zeros((), jnp.int32))
+
+
+def abstract_state(config: SAEConfig, mesh: Mesh) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the state: for eval_shape and resharded restore."""
+    shapes = jax.eval_shape(lambda k, b: _init(k, b, config), jax.ShapeDtypeStruct((2,), jnp.uint32),
+                            jax.ShapeDtypeStruct((config.d_in,), jnp.float32))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, state_shardings(config, mesh))
+
+
+def check_input_width(config: SAEConfig, x: Any, what: str) -> None:
+    shape = tuple(np.shape(x))
+    if len(shape) < 2 or shape[-1] != config.d_in:
+        raise ConfigError(f"{what} has shape {shape}, but config field 'sae.d_in' = {config.d_in}: "
+                          f"expected [..., {config.d_in}] (input width of the SAE)")
+
+
+def init_state(config: SAEConfig, mesh: Mesh, init_sample: Float[Array, "S D"]) -> TrainState:
+    """A fresh, sharded train state; b_dec = geometric median of ``init_sample``.
+
+    Args:
+      config: SAE config.
+      mesh: device mesh.
+      init_sample: a sample of inputs [S, D] for the geometric median (the paper uses a
+        sample of activations; a few thousand rows suffice).
+
+    Raises:
+      ConfigError: wrong input width, or n_features does not split over the mesh.
+    """
+    check_input_width(config, init_sample, "init_sample")
+    check_mesh(config, mesh)
+    sample = jnp.asarray(init_sample, jnp.float32).reshape(-1, config.d_in)
+    b_dec = jax.device_put(geometric_median(sample, iters=config.geometric_median_iters), replicated(mesh))
+    key = jax.device_put(jax.random.PRNGKey(config.seed), replicated(mesh))
+    init = jax.jit(lambda k, b: _init(k, b, config), out_shardings=state_shardings(config, mesh))
+    return init(key, b_dec)
+
+
+def check_live(state: TrainState) -> None:
+    """Raises ValueError if ``state`` holds donated (deleted) buffers.
+
+    The step and resample donate their input state; passing a consumed state again makes
+    jax 0.10 on CPU crash (segfault) instead of raising, so the wrappers check first.
+    """
+    if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(state)):
+        raise ValueError("this TrainState was donated to an earlier train_step/resample call and its "
+                         "buffers are gone; use the state that call returned")
+
+
+def _select(ok: Bool[Array, ""], new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _all_finite(tree: Any) -> Bool[Array, ""]:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
+                  ) -> Callable[[TrainState, Float[Array, "B D"]], tuple[TrainState, dict[str, Array]]]:
+    """The un-jitted step (for composition and tests); :func:`make_train_step` jits it."""
+
+    def step(state: TrainState, batch: Float[Array, "B D"]) -> tuple[TrainState, dict[str, Array]]:
+        x = batch.astype(jnp.float32).reshape(-1, config.d_in)
+        params = state.params
+        out = model.forward_backward(params, x, config)
+        grads = out.grads.replace(W_dec=model.project_decoder_grad(out.grads.W_dec, params.W_dec))
+        updates, opt_state = opt.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_params = new_params.replace(W_dec=model.unit_rows(new_params.W_dec))
+
+        finite = jnp.isfinite(out.loss) & _all_finite(grads)
+        counts = jnp.sum(out.f > 0, axis=0, dtype=jnp.float32).astype(jnp.int32)  # f32 sum: a fast fused reduce on CPU
+        step_next = state.step + 1
+        last_fired = jnp.where(counts > 0, step_next, state.last_fired)
+        # A non-finite batch must not reach the parameters: keep the old ones (the loop
+        # sees metrics["nonfinite"] and stops via check_finite).
+        new_state = TrainState(params=_select(finite, new_params, params),
+                               opt_state=_select(finite, opt_state, state.opt_state),
+                               last_fired=jnp.where(finite, last_fired, state.last_fired),
+                               key=state.key, step=step_next)
+
+        err_sq = jnp.sum(jnp.square(out.x_hat - x))
+        total_var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
+        b = x.shape[0]
+        dead = (step_next - new_state.last_fired) >= config.dead_window
+        metrics = {
+            "loss": out.loss,
+            "mse": out.mse,
+            # Same expression as the ReLU penalty's row sums, so XLA computes it once.
+            "l1": jnp.mean(jnp.sum(jnp.abs(out.f), axis=-1)),
+            "sparsity_loss": out.penalty,
+            "l0": jnp.sum(counts) / b,
+            "explained_variance": 1.0 - err_sq / jnp.maximum(total_var, 1e-30),
+            "frac_dead": jnp.mean(dead.astype(jnp.float32)),
+            "frac_dense": jnp.mean((counts > config.dense_threshold * b).astype(jnp.float32)),
+            "nonfinite": jnp.logical_not(finite),
+            "feature_counts": counts,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_train_step(config: SAEConfig, mesh: Mesh
+                    ) -> Callable[[TrainState, Float[Array, "B D"]], tuple[TrainState, dict[str, Array]]]:
+    """Builds ``train_step(state, batch) -> (state, metrics)``, jitted once, state donated.
+
+    The returned callable checks the batch's width and divisibility on the host (cheap,
+    clear errors) and calls the jitted step; ``.jitted`` exposes the jitted function
+    (e.g. for ``.lower``). Metrics are device scalars (``feature_counts`` is [F], sharded
+    over the latent axis): read them one step late so the device never waits.
+
+    Raises:
+      ConfigError: n_features does not split over the mesh.
+    """
+    check_mesh(config, mesh)
+    step = train_step_fn(config, make_optimizer(config))
+    s_sh = state_shardings(config, mesh)
+    b_sh = named_sharding(mesh, BATCH_AXES)
+    names = jax.eval_shape(step, abstract_state(config, mesh),
+                           jax.ShapeDtypeStruct((8, config.d_in), jnp.float32))[1].keys()
+    jitted = jax.jit(step, in_shardings=(s_sh, b_sh), out_shardings=(s_sh, metric_shardings(mesh, names)),
+                     donate_argnums=0)
+    batch_axis = b_sh.spec[0]
+
+    def train_step(state: TrainState, batch: Float[Array, "B D"]) -> tuple[TrainState, dict[str, Array]]:
+        shape = np.shape(batch)
+        if len(shape) != 2 or shape[1] != config.d_in:
+            check_input_width(config, batch, "batch")
+            raise ConfigError(f"batch has shape {shape}; expected a 2-D [B, {config.d_in}] array")
+        if batch_axis is not None:
+            check_divisible("batch size", shape[0], mesh, batch_axis)
+        check_live(state)
+        return jitted(state, batch)
+
+    train_step.jitted = jitted
+    return train_step
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> None:
+    """Host-side guard: raises NonFiniteError if the step at ``step`` saw NaN/Inf.
+
+    Call it on the metrics fetched (one step late) by the loop, before saving a checkpoint.
+    The step already refused the update, so the state still holds the last good parameters.
+    """
+    bad = bool(np.asarray(metrics["nonfinite"]))
+    loss = float(np.asarray(metrics["loss"]))
+    if bad or not math.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={loss}); the update was "
+                             "not applied. Check the input batch (NaN/Inf activations) and the learning rate.")
+
+
+def should_resample(config: SAEConfig, step: int) -> bool:
+    """True if the dead-feature strategy runs after ``step`` completed steps."""
+    return config.dead_strategy != "none" and int(step) in config.resample_steps

@@ -1,0 +1,29 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per input, no L1.
+
+Written as a registry entry to show the seam: the shared model code supplies the tied
+bias, matmuls, unit-norm decoder and gradients. The gradient flows to the k kept
+pre-activations only (the threshold is a stop-gradient). AuxK is not implemented.
+
+Legend: B batch, F features.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from saejax.sae.registry import Architecture, register_architecture
+
+
+def topk_activation(pre: Float[Array, "B F"], config) -> Float[Array, "B F"]:
+    """ReLU of the k largest pre-activations of each row; every other feature is 0.
+
+    Ties at the k-th value keep all tied entries (measure-zero for real inputs).
+    """
+    kth = jax.lax.top_k(pre, config.k)[0][:, -1:]
+    kth = jax.lax.stop_gradient(kth)
+    return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
+
+
+TOPK = register_architecture(Architecture(name="topk", activation=topk_activation, penalty=None))

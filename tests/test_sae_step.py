@@ -1,0 +1,220 @@
+"""SAE step: golden float64 reference, gradients, metrics, non-finite guard, setup errors,
+paper-scale shapes and memory estimate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax.config import ConfigError, MeshConfig, from_config
+from saejax.parallel import make_mesh
+from saejax.sae import (NonFiniteError, SAEConfig, abstract_state, check_finite, estimate_memory,
+                        init_state, make_train_step, should_resample)
+from saejax.sae import model
+from saejax.sae.geometric_median import geometric_median
+
+D, F, B = 8, 16, 32
+
+
+@pytest.fixture(scope="module")
+def mesh1():
+    return make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+
+
+def _inputs(seed=0, b=B, d=D):
+    rng = np.random.RandomState(seed)
+    return (rng.randn(b, d) + 0.5).astype(np.float32)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def _numpy_step(p, x, l1, lr, b1, b2, eps):
+    """Independent float64 reference of one step: forward, loss, grads, projection, Adam, renorm."""
+    we, be, wd, bd = (np.asarray(p[k], np.float64) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    x = x.astype(np.float64)
+    b, d = x.shape
+    xb = x - bd
+    pre = xb @ we.T + be
+    f = np.maximum(pre, 0)
+    xh = f @ wd + bd
+    err = xh - x
+    mse = np.mean(err ** 2)
+    l1_term = l1 * np.sum(np.abs(f)) / b
+    loss = mse + l1_term
+    dxh = 2 * err / (b * d)
+    g_wd = f.T @ dxh
+    df = dxh @ wd.T + l1 / b * np.sign(f)
+    dpre = df * (pre > 0)
+    g_be = dpre.sum(0)
+    g_we = dpre.T @ xb
+    g_bd = dxh.sum(0) - (dpre @ we).sum(0)
+    g_wd = g_wd - np.sum(g_wd * wd, axis=1, keepdims=True) * wd
+    new = {}
+    for k, w, g in (("W_enc", we, g_we), ("b_enc", be, g_be), ("W_dec", wd, g_wd), ("b_dec", bd, g_bd)):
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        mhat, vhat = m / (1 - b1), v / (1 - b2)
+        new[k] = w - lr * mhat / (np.sqrt(vhat) + eps)
+    new["W_dec"] = new["W_dec"] / np.linalg.norm(new["W_dec"], axis=1, keepdims=True)
+    grads = {"W_enc": g_we, "b_enc": g_be, "W_dec": g_wd, "b_dec": g_bd}
+    return new, loss, mse, f, grads
+
+
+def test_golden_one_step_matches_float64_numpy(mesh1):
+    cfg = SAEConfig(d_in=D, n_features=F, l1_coefficient=1e-2, lr=1e-3)
+    x = _inputs()
+    state = init_state(cfg, mesh1, x)
+    p0 = {k: np.asarray(getattr(state.params, k)) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    np.testing.assert_allclose(np.linalg.norm(p0["W_dec"], axis=1), 1.0, rtol=1e-6)
+    ref, loss, mse, f, _ = _numpy_step(p0, x, cfg.l1_coefficient, cfg.lr, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps)
+    assert 0 < (f > 0).mean() < 1  # the ReLU mask is exercised both ways
+    step = make_train_step(cfg, mesh1)
+    new, m = step(state, jnp.asarray(x))
+    for k, want in ref.items():
+        np.testing.assert_allclose(np.asarray(getattr(new.params, k)), want, rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(float(m["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(m["mse"]), mse, rtol=1e-5)
+    np.testing.assert_allclose(float(m["l1"]), np.abs(f).sum() / B, rtol=1e-5)
+    np.testing.assert_allclose(float(m["l0"]), (f > 0).sum() / B, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m["feature_counts"]), (f > 0).sum(0))
+    ev = 1 - np.sum((x - (np.maximum((x - p0["b_dec"]) @ p0["W_enc"].T + p0["b_enc"], 0) @ p0["W_dec"]
+                          + p0["b_dec"])) ** 2) / np.sum((x - x.mean(0)) ** 2)
+    np.testing.assert_allclose(float(m["explained_variance"]), ev, rtol=1e-4)
+    assert int(new.step) == 1
+    assert not bool(m["nonfinite"])
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_handwritten_gradients_match_autodiff(arch):
+    cfg = SAEConfig(d_in=D, n_features=F, architecture=arch, k=4, l1_coefficient=3e-2)
+    x = jnp.asarray(_inputs(1))
+    params = model.init_params(jax.random.PRNGKey(3), cfg, jnp.zeros((D,)) + 0.1)
+    params = params.replace(b_enc=jax.random.normal(jax.random.PRNGKey(4), (F,)) * 0.1)
+    out = model.forward_backward(params, x, cfg)
+    auto_loss, auto = jax.value_and_grad(lambda p: jnp.mean(model.per_input_loss(p, x, cfg)))(params)
+    np.testing.assert_allclose(out.loss, auto_loss, rtol=1e-6)
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(getattr(out.grads, k), getattr(auto, k), rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+def test_topk_keeps_k_features_and_has_no_l1(mesh1):
+    cfg = SAEConfig(d_in=D, n_features=F, architecture="topk", k=3, l1_coefficient=1.0)
+    x = _inputs(2)
+    state = init_state(cfg, mesh1, x)
+    f = model.encode(state.params, jnp.asarray(x), cfg)
+    assert int(jnp.max(jnp.sum(f > 0, axis=-1))) <= 3
+    _, m = make_train_step(cfg, mesh1)(state, jnp.asarray(x))
+    assert float(m["sparsity_loss"]) == 0.0
+    np.testing.assert_allclose(float(m["loss"]), float(m["mse"]), rtol=0)
+
+
+def test_bf16_mode_close_to_f32_and_keeps_f32_params(mesh1):
+    x = jnp.asarray(_inputs(3, b=64))
+    outs = {}
+    for prec in ("f32", "bf16"):
+        cfg = SAEConfig(d_in=D, n_features=F, precision=prec)
+        state, m = make_train_step(cfg, mesh1)(init_state(cfg, mesh1, x), x)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+        outs[prec] = float(m["loss"])
+    assert outs["bf16"] != outs["f32"]  # really a different matmul precision
+    np.testing.assert_allclose(outs["bf16"], outs["f32"], rtol=2e-2)
+
+
+def test_nonfinite_batch_keeps_params_and_raises_on_host(mesh1):
+    cfg = SAEConfig(d_in=D, n_features=F)
+    x = _inputs(4)
+    step = make_train_step(cfg, mesh1)
+    state = init_state(cfg, mesh1, x)
+    state, m = step(state, jnp.asarray(x))
+    check_finite(m, 1)
+    before = _copy(state)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    state, m = step(state, jnp.asarray(bad))
+    assert bool(m["nonfinite"])
+    for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
+                    jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(NonFiniteError, match="step 2"):
+        check_finite(jax.device_get(m), 2)
+    bad[3, 2] = np.inf
+    new, m = step(state, jnp.asarray(bad))
+    assert bool(m["nonfinite"])
+    with pytest.raises(ValueError, match="donated"):  # a consumed state is refused, not a crash
+        step(state, jnp.asarray(x))
+
+
+def test_wrong_input_width_is_a_clear_setup_error(mesh1):
+    cfg = SAEConfig(d_in=D, n_features=F)
+    with pytest.raises(ConfigError, match="sae.d_in"):
+        init_state(cfg, mesh1, np.zeros((10, D + 1), np.float32))
+    state = init_state(cfg, mesh1, _inputs())
+    with pytest.raises(ConfigError, match="sae.d_in"):
+        make_train_step(cfg, mesh1)(state, jnp.zeros((B, D + 1)))
+
+
+def test_config_validation_names_field():
+    with pytest.raises(ConfigError, match="sae.architecture"):
+        SAEConfig(architecture="gelu")
+    with pytest.raises(ConfigError, match="sae.precision"):
+        SAEConfig(precision="fp8")
+    with pytest.raises(ConfigError, match="sae.resample_steps"):
+        SAEConfig(resample_steps=(50, 25))
+    with pytest.raises(ConfigError, match="sae.resample_sample_size"):
+        SAEConfig(resample_sample_size=1000, resample_chunk_size=300)
+    with pytest.raises(ConfigError, match="sae.k"):
+        SAEConfig(n_features=16, k=17, architecture="topk")
+    cfg = from_config(SAEConfig, {"d_in": 4, "n_features": 8, "resample_steps": [2, 4]}, prefix="sae")
+    assert cfg.resample_steps == (2, 4)
+    assert should_resample(cfg, 4) and not should_resample(cfg, 3)
+
+
+def test_mesh_must_split_features():
+    mesh = make_mesh(MeshConfig(data=1, model=8))
+    with pytest.raises(ConfigError, match="sae.n_features"):
+        make_train_step(SAEConfig(d_in=D, n_features=12), mesh)
+
+
+def test_optimizer_moments_sharded_like_params():
+    mesh = make_mesh(MeshConfig(data=2, model=4))
+    cfg = SAEConfig(d_in=D, n_features=F)
+    state = init_state(cfg, mesh, _inputs())
+    adam = state.opt_state[0]
+    for moments in (adam.mu, adam.nu):
+        for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert getattr(moments, k).sharding.is_equivalent_to(getattr(state.params, k).sharding, 2 if k[0] == "W" else 1)
+    assert not adam.mu.W_enc.sharding.is_fully_replicated
+    assert state.params.W_dec.addressable_shards[0].data.shape == (F // 4, D)
+
+
+def test_geometric_median_matches_numpy_weiszfeld():
+    rng = np.random.RandomState(0)
+    x = np.concatenate([rng.randn(200, 3), 100 + rng.randn(20, 3)]).astype(np.float32)
+    y = x.astype(np.float64).mean(0)
+    for _ in range(500):
+        w = 1 / np.maximum(np.linalg.norm(x - y, axis=1), 1e-6)
+        y = (w[:, None] * x).sum(0) / w.sum()
+    got = np.asarray(geometric_median(jnp.asarray(x), iters=500))
+    np.testing.assert_allclose(got, y, atol=1e-3)
+    assert np.linalg.norm(got) < 2  # robust to the outlier cluster, unlike the mean
+
+
+def test_paper_largest_config_eval_shape_and_memory():
+    cfg = SAEConfig(d_in=512, n_features=131_072)
+    mesh = make_mesh(MeshConfig(data=2, model=4))
+    abstract = abstract_state(cfg, mesh)
+    assert abstract.params.W_enc.shape == (131_072, 512)
+    assert abstract.opt_state[0].nu.W_dec.shape == (131_072, 512)
+    step = make_train_step(cfg, mesh).jitted
+    new, metrics = jax.eval_shape(step, abstract, jax.ShapeDtypeStruct((8192, 512), jnp.float32))
+    assert new.params.W_dec.shape == (131_072, 512)
+    assert metrics["feature_counts"].shape == (131_072,)
+    est = estimate_memory(cfg, mesh, batch_size=8192)
+    params_total = 4 * (2 * 512 * 131_072 + 131_072 + 512)
+    assert abs(est["params"] - params_total / 4) < 4 * 512  # latent axis over 4 devices
+    assert est["optimizer"] == 2 * est["params"]
+    assert est["activations"] == (8192 // 2) * (131_072 // 4) * 16
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    single = estimate_memory(cfg, make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1]), 8192)
+    assert single["total"] > 7 * est["total"]
