@@ -96,7 +96,7 @@ class Checkpointer:
         })
         return bool(self._manager.save(step, args=args, force=True))
 
-    def restore(self, abstract_state: Any, step: int | None = None
+    def restore(self, abstract_state: Any, step: int | None = None, *, partial: bool = False
                 ) -> tuple[Any, dict, dict]:
         """Restores (state, data_state, metadata) of ``step`` (default: latest).
 
@@ -105,6 +105,8 @@ class Checkpointer:
             :func:`abstract_with_shardings`); arrays are restored onto those shardings, which
             may describe a different mesh than the one that saved.
           step: which step; default the latest complete one.
+          partial: restore only the subtrees present in ``abstract_state`` (e.g. the SAE
+            parameters without the shuffle buffer saved beside them).
 
         Raises:
           FileNotFoundError: if there is no checkpoint.
@@ -113,7 +115,10 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
+            STATE: ocp.args.PyTreeRestore(
+                item=abstract_state, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+            if partial else ocp.args.StandardRestore(abstract_state),
             DATA: ocp.args.JsonRestore(),
             METADATA: ocp.args.JsonRestore(),
         })

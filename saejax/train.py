@@ -396,12 +396,9 @@ def load_sae(workdir: str, *, step: int | None = None, mesh=None):
             raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
         metadata = ckpt.restore_metadata(step)
         cfg = from_config(SAETrainConfig, metadata["config"])
-        if cfg.source == "onthefly":
-            d = cfg.sae.d_in
-            buf = {"buffer": ShuffleBuffer(mesh, cfg.buffer_rows, d, cfg.batch_size).abstract_state()}
-        else:
-            buf = {}
-        state, _, _ = ckpt.restore({"sae": abstract_state(cfg.sae, mesh), "source": buf}, step)
+        # Only the dictionary: the shuffle buffer saved beside it is laid out for the
+        # training mesh and is not needed for analysis.
+        state, _, _ = ckpt.restore({"sae": abstract_state(cfg.sae, mesh)}, step, partial=True)
     finally:
         ckpt.close()
     metadata["step"] = step

@@ -197,3 +197,34 @@ def test_bad_settings_fail_clearly(lm_dir, tmp_path):
         train(from_config(SAETrainConfig, cd))
     with pytest.raises(Exception, match="buffer_rows"):
         from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "w", buffer_rows=1000))
+
+
+def test_restore_on_another_mesh_equals_the_original_encode(lm_dir, tmp_path):
+    from saejax.analysis.restore import restore_run
+    from saejax.config import MeshConfig
+    from saejax.sae import model as sae_model
+
+    cfg = from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "r", num_steps=10,
+                                                  **{"sae.resample_steps": ()}))
+    summary = train(cfg)
+    base = restore_run(str(tmp_path / "r"))  # the training mesh (8, 1)
+    tokens = base.store.read("val", 0, 8)[:, :32]
+    acts = base.activations(tokens)
+    scale = base.sae.norm_scale
+    want = np.asarray(sae_model.encode(summary["params"], np.asarray(acts) * scale, cfg.sae))
+    assert (want > 0).any()
+    for shape in [(2, 4), (1, 8)]:
+        run = restore_run(str(tmp_path / "r"), mesh=parallel.make_mesh(MeshConfig(*shape)))
+        np.testing.assert_allclose(np.asarray(run.features(tokens)), want, rtol=1e-5, atol=1e-6)
+        recon = np.asarray(run.decode(run.encode(acts)))
+        np.testing.assert_allclose(
+            recon, np.asarray(sae_model.decode(summary["params"], want, cfg.sae)) / scale,
+            rtol=1e-5, atol=1e-6)
+    single = restore_run(str(tmp_path / "r"), mesh=parallel.make_mesh(
+        MeshConfig(1, 1), devices=jax.devices()[:1]))
+    text = "alpha beta gamma"
+    f = single.encode_text(text)
+    assert f.shape == (len(single.tokenizer.encode(text)), cfg.sae.n_features)
+    np.testing.assert_allclose(f, base.encode_text(text), rtol=1e-5, atol=1e-6)
+    over = base.feature_activations_over_store("val", num_contexts=16, batch_contexts=8)
+    assert over.shape == (16 * 32, cfg.sae.n_features)

@@ -1,0 +1,126 @@
+"""`make demo`: the whole pipeline on the embedded default corpus, then the report.
+
+    python launch/demo.py [--runs=runs] [--sae_config=experiments/sae_demo.py]
+
+Stages (each resumes, or is skipped when already complete, on a re-run):
+  1. corpus: this Python's stdlib source -> BPE-4096 token store (runs/demo/corpus);
+  2. lm: the paper's 1-layer model (d_model 128, 512 ReLU neurons) (runs/demo/lm);
+  3. sae: a 4,096-feature dictionary on its MLP neurons with resampling (runs/demo/sae);
+  4. report: evaluation, feature statistics, plots and the HTML dashboard, and
+     runs/demo/summary.md with loss recovered, L0, dead/dense counts and stage times.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RUNS = flags.DEFINE_string("runs", "runs", "where runs/demo/... are written")
+_LM_STEPS = flags.DEFINE_integer("lm_steps", None, "override the LM's training steps")
+_SAE_STEPS = flags.DEFINE_integer("sae_steps", None, "override the SAE's training steps")
+_CONTEXTS = flags.DEFINE_integer("report_contexts", 512, "held-out contexts for the report")
+
+
+def _load(name: str, *args):
+    import importlib
+
+    return importlib.import_module(f"experiments.{name}").get_config(*args)
+
+
+def main(argv):
+    del argv
+    sys.path.insert(0, ROOT)
+    from saejax.metrics import quiet_orbax_logs
+
+    quiet_orbax_logs()
+    from saejax.analysis.report import analyze_run
+    from saejax.config import CorpusJobConfig, from_config
+    from saejax.data.corpus import build_token_store
+    from saejax.lm.config import LMTrainConfig
+    from saejax.lm.train import train as train_lm
+    from saejax.train import train as train_sae
+    from saejax.train_config import SAETrainConfig
+
+    demo = os.path.join(_RUNS.value, "demo")
+    times: dict[str, float] = {}
+
+    def stage(name):
+        logging.info("=== demo stage: %s ===", name)
+        print(f"\n=== demo: {name} ===", flush=True)
+        return time.perf_counter()
+
+    t = stage("corpus")
+    cd = _load("corpus_stdlib")
+    cd.corpus.out_dir = os.path.join(demo, "corpus")
+    store = build_token_store(from_config(CorpusJobConfig, cd))
+    times["corpus"] = time.perf_counter() - t
+
+    t = stage("lm")
+    cd = _load("lm_paper")
+    cd.store_dir = store.directory
+    cd.workdir = os.path.join(demo, "lm")
+    if _LM_STEPS.value:
+        cd.num_steps = _LM_STEPS.value
+    lm = train_lm(from_config(LMTrainConfig, cd))
+    times["lm"] = time.perf_counter() - t
+
+    t = stage("sae")
+    cd = _load("sae_demo")
+    cd.lm_dir = os.path.join(demo, "lm")
+    cd.workdir = os.path.join(demo, "sae")
+    if _SAE_STEPS.value:
+        cd.num_steps = _SAE_STEPS.value
+    sae_cfg = from_config(SAETrainConfig, cd)
+    sae = train_sae(sae_cfg)
+    times["sae"] = time.perf_counter() - t
+
+    t = stage("report")
+    report = analyze_run(sae_cfg.workdir, os.path.join(demo, "report"),
+                         n_contexts=_CONTEXTS.value, title="saejax demo: 4,096 features")
+    times["report"] = time.perf_counter() - t
+
+    e = sae["eval"]
+    lines = [
+        "# saejax demo", "",
+        f"Corpus: {store}  ",
+        f"LM: val {lm['val_loss']:.3f} nats/token (unigram baseline {lm['unigram_val']:.3f}), "
+        f"step {lm['step']}  ",
+        f"SAE: {sae_cfg.sae.n_features} features ({sae_cfg.sae.architecture}), "
+        f"{sae['step']} steps x {sae_cfg.batch_size} activations, input normalised to "
+        f"E||x|| = sqrt({sae_cfg.sae.d_in})", "",
+        "| metric | value |", "|---|---|",
+        f"| fraction of loss recovered (zero ablation) | {100 * e['frac_loss_recovered']:.1f}% |",
+        f"| fraction of loss recovered (mean ablation) | "
+        f"{100 * e['frac_loss_recovered_mean_ablation']:.1f}% |",
+        f"| L0 (mean active features per token) | {e['l0']:.1f} |",
+        f"| dead features (no activation on {e['eval_tokens']:,} held-out tokens) | "
+        f"{e['dead_features']} ({100 * e['dead_features'] / sae_cfg.sae.n_features:.1f}%) |",
+        f"| dense features (density > 1%) | {e['dense_features']} |",
+        f"| explained variance | {e['explained_variance']:.3f} |",
+        f"| KL(clean ‖ spliced) per token | {e['kl_sae']:.4f} |",
+        f"| losses: clean / spliced / zero-ablated | {e['loss_clean']:.3f} / {e['loss_sae']:.3f} "
+        f"/ {e['loss_zero_ablated']:.3f} |", "",
+        "| stage | seconds |", "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in times.items()],
+        f"| total | {sum(times.values()):.0f} |", "",
+        f"Dashboard: {os.path.abspath(report['dashboard'])}  ",
+        f"Feature statistics: {os.path.abspath(report['stats'])}",
+    ]
+    summary_path = os.path.join(demo, "summary.md")
+    with open(summary_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(demo, "summary.json"), "w") as f:
+        json.dump({"eval": e, "times": times, "lm": {k: lm[k] for k in ("val_loss", "unigram_val",
+                                                                         "step")}}, f, indent=1)
+    print("\n".join(lines))
+    print(f"\nsaejax demo done in {sum(times.values()) / 60:.1f} min. Open the report:\n"
+          f"  {os.path.abspath(report['dashboard'])}\n  {os.path.abspath(summary_path)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
