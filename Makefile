@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,hf
 RUNS   ?= runs
+# Transparent huge pages for malloc: XLA:CPU allocates fresh [batch, features] buffers every
+# step and page faults otherwise dominate its elementwise passes (~3x, benchmarks/RESULTS.md).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv demo test test-slow test-all bench lint clean
 
@@ -20,9 +23,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) launch/build_corpus.py --config=experiments/corpus_stdlib.py \
-	    --config.corpus.out_dir=$(RUNS)/demo/corpus
-	@echo "demo: token store and tokenizer written to $(RUNS)/demo/corpus (see metadata.json)"
+	$(PY) launch/demo.py --runs=$(RUNS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
@@ -35,6 +36,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_sae.py --devices 1 --features 4096,16384 --ground-truth 0
+	$(PY) benchmarks/bench_lm.py --steps 10
+	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/memory_estimates.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check saejax launch experiments tests benchmarks
