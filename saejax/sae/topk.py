@@ -21,7 +21,9 @@ def topk_activation(pre: Float[Array, "B F"], config) -> Float[Array, "B F"]:
 
     Ties at the k-th value keep all tied entries (measure-zero for real inputs).
     """
-    kth = jax.lax.top_k(pre, config.k)[0][:, -1:]
+    # min over the k values, not ``[:, -1:]``: XLA:CPU turns top_k followed by that slice
+    # into a full sort, ~45x slower at [4096, 4096] (2.7 s vs 0.06 s, measured).
+    kth = jnp.min(jax.lax.top_k(pre, config.k)[0], axis=-1, keepdims=True)
     kth = jax.lax.stop_gradient(kth)
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
 
