@@ -98,7 +98,10 @@ def main(argv):
         f"| fraction of loss recovered (mean ablation) | "
         f"{100 * e['frac_loss_recovered_mean_ablation']:.1f}% |",
         f"| L0 (mean active features per token) | {e['l0']:.1f} |",
-        f"| dead features (no activation on {e['eval_tokens']:,} held-out tokens) | "
+        f"| dead features (silent for the last {sae_cfg.sae.dead_window} training steps = "
+        f"{sae_cfg.sae.dead_window * sae_cfg.batch_size:,} inputs) | "
+        f"{100 * sae['train']['frac_dead']:.1f}% |",
+        f"| features with no activation on the {e['eval_tokens']:,} held-out tokens | "
         f"{e['dead_features']} ({100 * e['dead_features'] / sae_cfg.sae.n_features:.1f}%) |",
         f"| dense features (density > 1%) | {e['dense_features']} |",
         f"| explained variance | {e['explained_variance']:.3f} |",
@@ -115,8 +118,8 @@ def main(argv):
     with open(summary_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(demo, "summary.json"), "w") as f:
-        json.dump({"eval": e, "times": times, "lm": {k: lm[k] for k in ("val_loss", "unigram_val",
-                                                                         "step")}}, f, indent=1)
+        json.dump({"eval": e, "train": sae["train"], "times": times,
+                   "lm": {k: lm[k] for k in ("val_loss", "unigram_val", "step")}}, f, indent=1)
     print("\n".join(lines))
     print(f"\nsaejax demo done in {sum(times.values()) / 60:.1f} min. Open the report:\n"
           f"  {os.path.abspath(report['dashboard'])}\n  {os.path.abspath(summary_path)}")

@@ -28,7 +28,7 @@ def sample_logits(key: PRNGKeyArray, logits: Float[Array, "B V"], temperature: f
     """Samples token ids; ``temperature <= 0`` is greedy, ``top_k > 0`` keeps the k best."""
     logits = logits.astype(jnp.float32)
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jnp.min(jax.lax.top_k(logits, top_k)[0], axis=-1, keepdims=True)  # not [:, -1:]: see sae/topk.py
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     t = jnp.asarray(temperature, jnp.float32)
     sampled = jax.random.categorical(key, logits / jnp.maximum(t, 1e-6), axis=-1)
