@@ -10,6 +10,8 @@ normalisation statistics and the LM/site/token-range identity in metadata.json. 
 
 import ml_collections
 
+from experiments import common
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -25,9 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.chunk_mb = 16.0
     c.seed = 0
     c.overwrite = False
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-    c.distributed = ml_collections.ConfigDict(dict(
-        enabled=False, coordinator_address=ml_collections.FieldReference(None, field_type=str),
-        num_processes=ml_collections.FieldReference(None, field_type=int),
-        process_id=ml_collections.FieldReference(None, field_type=int)))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

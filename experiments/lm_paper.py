@@ -13,6 +13,8 @@ finished). For a longer run raise --config.num_steps (the LR schedule spans num_
 
 import ml_collections
 
+from experiments import common
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -29,12 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=64, seed=0, shuffle=True,
         num_epochs=ml_collections.FieldReference(None, field_type=int),
         window_chunks=4, prefetch=2))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-    c.distributed = ml_collections.ConfigDict(dict(
-        enabled=False,
-        coordinator_address=ml_collections.FieldReference(None, field_type=str),
-        num_processes=ml_collections.FieldReference(None, field_type=int),
-        process_id=ml_collections.FieldReference(None, field_type=int)))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     c.store_dir = "runs/corpus/stdlib"
     c.workdir = "runs/lm/paper"
     c.num_steps = 800

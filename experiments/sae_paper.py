@@ -13,6 +13,8 @@ are sized for accelerators: at A/1 one step is ~86 GFLOP.
 
 import ml_collections
 
+from experiments import common
+
 SIZES = {"a0": 512, "a1": 4096, "a2": 16_384, "a3": 32_768, "a4": 65_536, "a5": 131_072}
 
 
@@ -48,9 +50,6 @@ def get_config(run: str = "a1") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.progress_bar = True
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-    c.distributed = ml_collections.ConfigDict(dict(
-        enabled=False, coordinator_address=ml_collections.FieldReference(None, field_type=str),
-        num_processes=ml_collections.FieldReference(None, field_type=int),
-        process_id=ml_collections.FieldReference(None, field_type=int)))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

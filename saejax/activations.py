@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,37 @@ def lm_producer(graphdef, params, site: str, mesh: jax.sharding.Mesh,
         return jax.lax.with_sharding_constraint(acts, out_sharding)
 
     return produce
+
+
+class LMSource(NamedTuple):
+    """A restored LM ready to produce activations at one site."""
+
+    graphdef: Any
+    params: Any
+    meta: dict          # the LM checkpoint's metadata (store_dir, step, ...)
+    site: str           # canonical site name
+    store: Any          # the token store the LM trained on
+    context: int        # positions run per context (min of store seq_len and max_len)
+    produce: Producer
+    width: int          # D, the site's activation width
+
+
+def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh) -> LMSource:
+    """Restores an LM training run and builds its jitted producer at ``site``."""
+    from saejax.data.token_store import TokenStore
+    from saejax.lm.model import split_params
+    from saejax.lm.restore import load_lm
+    from saejax.lm.sites import canonical_site
+
+    lm, meta = load_lm(lm_dir, mesh=mesh)
+    graphdef, params = split_params(lm)
+    site = canonical_site(site, lm.cfg.n_layers)
+    store = TokenStore.open(meta["store_dir"])
+    context = min(store.seq_len, lm.cfg.max_len)
+    produce = lm_producer(graphdef, params, site, mesh, context_len=context)
+    probe = jax.ShapeDtypeStruct((parallel.data_parallel_size(mesh), store.seq_len), jnp.int32)
+    d = jax.eval_shape(produce, probe).shape[-1]
+    return LMSource(graphdef, params, meta, site, store, context, produce, int(d))
 
 
 class BufferState(NamedTuple):
@@ -260,20 +291,11 @@ def run_harvest(cfg) -> dict:
       The completed store's metadata (on process 0) plus a summary of this run.
     """
     from saejax.data.activation_store import ActivationStoreWriter
-    from saejax.data.token_store import TokenStore
-    from saejax.lm.model import split_params
-    from saejax.lm.restore import load_lm
-    from saejax.lm.sites import canonical_site
 
     mesh = parallel.make_mesh(cfg.mesh)
-    lm, meta = load_lm(cfg.lm_dir, mesh=mesh)
-    graphdef, params = split_params(lm)
-    site = canonical_site(cfg.site, lm.cfg.n_layers)
-    store = TokenStore.open(meta["store_dir"])
-    context = min(store.seq_len, lm.cfg.max_len)
-    produce = lm_producer(graphdef, params, site, mesh, context_len=context)
-    d = jax.eval_shape(produce, jax.ShapeDtypeStruct((cfg.lm_batch_size, store.seq_len),
-                                                     jnp.int32)).shape[-1]
+    src = restore_lm_source(cfg.lm_dir, cfg.site, mesh)
+    store, context, produce, d, site, meta = (src.store, src.context, src.produce, src.width,
+                                              src.site, src.meta)
     procs = jax.process_count()
     available = store.rows(cfg.split) - cfg.start_context
     n_ctx = cfg.num_contexts or available

@@ -30,14 +30,11 @@ from jax.experimental import multihost_utils
 from jaxtyping import Array, Float
 
 from saejax import evaluate, parallel
-from saejax.activations import ShuffleBuffer, lm_producer
+from saejax.activations import ShuffleBuffer, restore_lm_source
 from saejax.checkpoint import Checkpointer, StopSignal, versions
 from saejax.config import ConfigError, to_dict
 from saejax.data.loader import ActivationLoader, TokenLoader
 from saejax.data.token_store import TokenStore
-from saejax.lm.model import split_params
-from saejax.lm.restore import load_lm
-from saejax.lm.sites import canonical_site
 from saejax.metrics import MetricWriter, ProgressBar, is_writer_process
 from saejax.sae import model as sae_model
 from saejax.sae.step import (NonFiniteError, abstract_state, check_finite, init_state,
@@ -195,14 +192,9 @@ def train(cfg: SAETrainConfig, *, stop_at: int | None = None) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     mesh = parallel.make_mesh(cfg.mesh)
-    lm, lm_meta = load_lm(cfg.lm_dir, mesh=mesh)
-    graphdef, lm_params = split_params(lm)
-    site = canonical_site(cfg.site, lm.cfg.n_layers)
-    token_store = TokenStore.open(lm_meta["store_dir"])
-    context = min(token_store.seq_len, lm.cfg.max_len)
-    producer = lm_producer(graphdef, lm_params, site, mesh, context_len=context)
-    d = jax.eval_shape(producer, jax.ShapeDtypeStruct((cfg.lm_batch_size, token_store.seq_len),
-                                                      jnp.int32)).shape[-1]
+    src = restore_lm_source(cfg.lm_dir, cfg.site, mesh)
+    graphdef, lm_params, lm_meta, site = src.graphdef, src.params, src.meta, src.site
+    token_store, context, producer, d = src.store, src.context, src.produce, src.width
     if d != cfg.sae.d_in:
         raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: site {site!r} "
                           f"of the LM in {cfg.lm_dir!r} has width {d}")
