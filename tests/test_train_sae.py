@@ -59,12 +59,12 @@ def tiny_config(lm_dir, workdir, **overrides):
     cd.progress_bar = False
     cd.async_checkpoints = True
     cd.eval_every = 1000  # only the final evaluation
-    for k, v in overrides.items():
-        node, *rest = k.split(".")
+    for k, v in overrides.items():  # dotted keys, e.g. "sae.resample_steps"
+        *path, leaf = k.split(".")
         target = cd
-        for part in k.split(".")[:-1]:
+        for part in path:
             target = target[part]
-        target[k.split(".")[-1]] = v
+        target[leaf] = v
     return cd
 
 
