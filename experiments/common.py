@@ -13,4 +13,5 @@ def distributed() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         enabled=False, coordinator_address=ml_collections.FieldReference(None, field_type=str),
         num_processes=ml_collections.FieldReference(None, field_type=int),
-        process_id=ml_collections.FieldReference(None, field_type=int)))
+        process_id=ml_collections.FieldReference(None, field_type=int),
+        heartbeat_timeout_s=100))

@@ -23,6 +23,7 @@ from saejax.train_config import HarvestConfig  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/harvest.py", "harvest config")
 
 
+@parallel.exit_hard_on_error("harvest")
 def main(argv):
     del argv
     quiet_orbax_logs()

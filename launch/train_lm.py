@@ -27,6 +27,7 @@ flags.DEFINE_integer("stop_at", None, "stop (checkpointing) after this step; the
                      "still spans config.num_steps")
 
 
+@parallel.exit_hard_on_error("train_lm")
 def main(argv):
     del argv
     quiet_orbax_logs()

@@ -24,6 +24,7 @@ from saejax.train_config import SAETrainConfig  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/sae_tiny.py", "SAE config")
 
 
+@parallel.exit_hard_on_error("train_sae")
 def main(argv):
     del argv
     quiet_orbax_logs()

@@ -247,6 +247,13 @@ def harvest(writer, produce: Producer, read_tokens: Callable[[int, int], np.ndar
     """
     procs = writer.process_count
     local_ctx = contexts_per_step // procs
+    lo, hi = parallel.process_rows(mesh, contexts_per_step)
+    if hi - lo != local_ctx:
+        raise ConfigError(
+            f"harvest needs every process to hold its own rows of the batch, but on mesh "
+            f"{dict(mesh.shape)} process {writer.process_index} of {procs} holds {hi - lo} of "
+            f"{contexts_per_step}: keep the 'model' axis within one process (e.g. "
+            f"mesh.model <= local devices)")
     ctx_per_chunk = writer.chunk_rows // seq_len
     if writer.chunk_rows % (seq_len * local_ctx):
         raise ConfigError(f"chunk rows {writer.chunk_rows} must be a multiple of the rows one "
@@ -303,7 +310,9 @@ def run_harvest(cfg) -> dict:
         raise ConfigError(f"config field 'num_contexts' = {cfg.num_contexts} is invalid: only "
                           f"{available} contexts of split {cfg.split!r} remain after "
                           f"start_context={cfg.start_context}")
-    chunk_rows = harvest_chunk_rows(context, cfg.lm_batch_size // procs, cfg.sae_batch_size, d,
+    # From the global step (not the per-process one), so the store's layout - and the
+    # SAE's data order - does not depend on the process count.
+    chunk_rows = harvest_chunk_rows(context, cfg.lm_batch_size, cfg.sae_batch_size, d,
                                     cfg.dtype, cfg.chunk_mb)
     unit = chunk_rows * procs
     rows = n_ctx * context // unit * unit

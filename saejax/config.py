@@ -169,14 +169,24 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    """Multi-host initialisation (``jax.distributed.initialize``)."""
+    """Multi-host initialisation (``jax.distributed.initialize``).
+
+    Attributes:
+      enabled: call ``jax.distributed.initialize`` (off: one process).
+      coordinator_address, num_processes, process_id: as jax's; None = auto-detect
+        (TPU VM, SLURM, Open MPI).
+      heartbeat_timeout_s: a process that has not been heard from for this long is
+        declared dead and every other process stops with an error (jax's default 100 s).
+    """
 
     enabled: bool = False
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    heartbeat_timeout_s: int = 100
 
     def __post_init__(self):
+        check_positive("distributed.heartbeat_timeout_s", self.heartbeat_timeout_s)
         if self.num_processes is not None:
             check_positive("distributed.num_processes", self.num_processes)
         if self.process_id is not None:

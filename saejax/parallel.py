@@ -121,15 +121,44 @@ def check_divisible(name: str, value: int, mesh: Mesh, axis: str) -> None:
                           f"mesh's {axis!r} axis size {size}")
 
 
-def host_to_global(local: np.ndarray, mesh: Mesh, axes: Sequence[str | None]) -> jax.Array:
-    """Assembles this process's slice of a batch into one global array on the mesh.
+def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a global batch (sharded over "batch") held by this process.
 
-    Each process passes its own rows (``global_rows / process_count`` of them); the result
-    is sharded by ``axes`` (leading axis normally "batch").
+    The slice follows the mesh, not the process index: it is the union of the batch rows of
+    this process's devices, so a data loader that feeds each process exactly these rows of
+    the *global* batch sees the same data for any number of processes. When the "model" axis
+    spans processes, several processes hold (and must load) the same rows.
+
+    Raises:
+      ConfigError: if ``global_rows`` does not split over the "data" axis, or this
+        process's rows are not one contiguous range (a device order jax would not build).
+    """
+    check_divisible("batch size", global_rows, mesh, DATA)
+    index_map = named_sharding(mesh, ("batch",)).addressable_devices_indices_map((global_rows,))
+    spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                    for s in index_map.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ConfigError(f"process {jax.process_index()} holds non-contiguous rows {spans} of "
+                          f"the batch on mesh {dict(mesh.shape)}; order the mesh's devices so "
+                          f"each process's devices are adjacent along 'data'")
+    return lo, hi
+
+
+def host_to_global(local: np.ndarray, mesh: Mesh, axes: Sequence[str | None]) -> jax.Array:
+    """Assembles this process's rows of a batch into one global array on the mesh.
+
+    Each process passes rows ``process_rows(mesh, B)`` of the global batch (all of it in a
+    single-process run); the result is sharded by ``axes`` (leading axis "batch").
     """
     sharding = named_sharding(mesh, axes)
     local = np.asarray(local)
-    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    shards = mesh.shape[DATA]
+    lo, hi = process_rows(mesh, shards)  # this process's data shards, in units of one
+    if local.shape[0] % (hi - lo):
+        raise ConfigError(f"this process's {local.shape[0]} rows do not split over its "
+                          f"{hi - lo} data shards")
+    global_shape = (local.shape[0] // (hi - lo) * shards,) + local.shape[1:]
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
@@ -142,15 +171,6 @@ def global_to_local(arr: jax.Array) -> np.ndarray:
     for s in arr.addressable_shards:
         shards.setdefault(s.index[0].start or 0, s)
     return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
-
-
-def process_batch_size(global_batch: int) -> int:
-    """Rows each process loads for a global batch; errors clearly if it does not split."""
-    p = jax.process_count()
-    if global_batch % p:
-        raise ConfigError(f"global batch size {global_batch} is not divisible by the "
-                          f"{p} jax processes")
-    return global_batch // p
 
 
 def _autodetected_cluster() -> bool:
@@ -177,7 +197,8 @@ def initialize_distributed(config: DistributedConfig) -> None:
         if not kwargs and not _autodetected_cluster():
             logging.warning("distributed.enabled but no coordinator given and no cluster "
                             "environment detected; jax will try to auto-detect anyway")
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs,
+                                   heartbeat_timeout_seconds=config.heartbeat_timeout_s)
     logging.info("jax process %d/%d: %d local devices, %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.default_backend())
@@ -197,6 +218,31 @@ def exit_with_error(prog: str, error: BaseException) -> typing.NoReturn:
         sys.stderr.flush()
         os._exit(1)
     sys.exit(f"{prog}: {error}")
+
+
+def exit_hard_on_error(prog: str):
+    """Decorates a launch script's ``main``: in a multi-process run, any uncaught exception
+    (e.g. a collective failing because another process died) is logged with its traceback
+    and ends this process at once through :func:`exit_with_error`, instead of waiting at
+    jax's shutdown barrier for processes that will never arrive."""
+    import functools
+    import traceback
+
+    def wrap(main):
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised unless multi-process
+                if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+                    raise
+                sys.stderr.write(traceback.format_exc())
+                exit_with_error(prog, RuntimeError(
+                    f"process {jax.process_index()} of {jax.process_count()} stopped: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        return wrapped
+
+    return wrap
 
 
 def mesh_summary(mesh: Mesh) -> str:

@@ -137,11 +137,10 @@ def estimate_normalization(producer, store: TokenStore, mesh, n_contexts: int, b
     n_contexts = max(batch, n_contexts // batch * batch)
     n_contexts = min(n_contexts, store.rows("train") // batch * batch)
     rows = []
-    local = parallel.process_batch_size(batch)
-    p = jax.process_index()
+    lo, hi = parallel.process_rows(mesh, batch)  # this process's rows of each global batch
     for a in range(0, n_contexts, batch):
-        lo = a + p * local  # each process feeds its own rows of the global batch
-        tokens = parallel.host_to_global(store.read("train", lo, lo + local), mesh, ("batch", None))
+        tokens = parallel.host_to_global(store.read("train", a + lo, a + hi), mesh,
+                                         ("batch", None))
         # Every process needs the same statistics: gather the global rows everywhere.
         rows.append(np.asarray(multihost_utils.process_allgather(producer(tokens), tiled=True)))
     x = np.concatenate(rows).astype(np.float64)

@@ -26,3 +26,36 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def devices():
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny byte-level LM (2 training steps: a real checkpoint, not a good model) on a
+    made-up corpus of 40 files."""
+    import numpy as np
+
+    from experiments import lm_tiny
+    from saejax.config import CorpusConfig, CorpusJobConfig, TokenizerConfig, from_config
+    from saejax.data.corpus import build_token_store
+    from saejax.lm.config import LMTrainConfig
+    from saejax.lm.train import train as train_lm
+
+    root = tmp_path_factory.mktemp("pipeline")
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(", ")", ":", "\n", "    "]
+    for i in range(40):
+        (src / f"{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+    build_token_store(CorpusJobConfig(
+        corpus=CorpusConfig(source="text", path=str(src), seq_len=33, val_fraction=0.2,
+                            out_dir=str(root / "tokens")),
+        tokenizer=TokenizerConfig(kind="byte")))
+    cd = lm_tiny.get_config()
+    cd.store_dir = str(root / "tokens")
+    cd.workdir = str(root / "lm")
+    cd.num_steps = 2
+    cd.optim.warmup_steps = 1
+    cd.progress_bar = False
+    train_lm(from_config(LMTrainConfig, cd))
+    return str(root / "lm")

@@ -186,7 +186,7 @@ def test_local_runner_flags_parse_as_absl_config_overrides(tmp_path):
     assert list(codes) == [0, 0], out.getvalue() + err.getvalue()
     for i in range(2):
         assert (f"[p{i}] DistributedConfig(enabled=True, coordinator_address='127.0.0.1:12345', "
-                f"num_processes=2, process_id={i})") in out.getvalue().splitlines()
+                f"num_processes=2, process_id={i}, heartbeat_timeout_s=100)") in out.getvalue().splitlines()
 
 
 def test_process_env_overrides_device_count():

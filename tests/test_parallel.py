@@ -52,7 +52,20 @@ def test_batch_divisibility_errors():
     mesh = parallel.make_mesh(MeshConfig())
     with pytest.raises(ConfigError, match="divisible by the mesh's 'data' axis size 8"):
         parallel.check_divisible("loader.batch_size", 12, mesh, "data")
-    assert parallel.process_batch_size(16) == 16
+    assert parallel.process_rows(mesh, 16) == (0, 16)
+    with pytest.raises(ConfigError, match="batch size.*divisible"):
+        parallel.process_rows(mesh, 12)
+
+
+def test_process_rows_follow_the_devices_of_this_process():
+    """One process holds every row (the two-process split is checked for real in
+    tests/test_multihost.py)."""
+    devs = jax.devices()
+    mesh = parallel.make_mesh(MeshConfig(data=4, model=2))
+    assert parallel.process_rows(mesh, 32) == (0, 32)
+    # A mesh over 2 x 2 devices of 8: still this process's, all rows.
+    small = parallel.make_mesh(MeshConfig(data=2, model=2), devices=devs[:4])
+    assert parallel.process_rows(small, 8) == (0, 8)
 
 
 def test_initialize_distributed_disabled_is_a_noop():

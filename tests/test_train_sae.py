@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from saejax import parallel
-from saejax.config import (CorpusConfig, CorpusJobConfig, TokenizerConfig, from_config)
+from saejax.config import (from_config)
 from saejax.sae.step import NonFiniteError
 from saejax.train import load_sae, train
 from saejax.train_config import HarvestConfig, SAETrainConfig
@@ -22,32 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    """A tiny byte-level LM (2 training steps: a real checkpoint, not a good model)."""
-    from experiments import lm_tiny
-    from saejax.data.corpus import build_token_store
-    from saejax.lm.config import LMTrainConfig
-    from saejax.lm.train import train as train_lm
-
-    root = tmp_path_factory.mktemp("pipeline")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(", ")", ":", "\n", "    "]
-    for i in range(40):
-        (src / f"{i}.txt").write_text(" ".join(rng.choice(words, 400)))
-    build_token_store(CorpusJobConfig(
-        corpus=CorpusConfig(source="text", path=str(src), seq_len=33, val_fraction=0.2,
-                            out_dir=str(root / "tokens")),
-        tokenizer=TokenizerConfig(kind="byte")))
-    cd = lm_tiny.get_config()
-    cd.store_dir = str(root / "tokens")
-    cd.workdir = str(root / "lm")
-    cd.num_steps = 2
-    cd.optim.warmup_steps = 1
-    cd.progress_bar = False
-    train_lm(from_config(LMTrainConfig, cd))
-    return str(root / "lm")
+def lm_dir(tiny_lm_dir):
+    return tiny_lm_dir
 
 
 def tiny_config(lm_dir, workdir, **overrides):

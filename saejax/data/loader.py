@@ -7,11 +7,17 @@ permutes the rows inside the window. Batch ``j`` of the grain ``MapDataset`` is 
 function of ``(seed, j)``, so the iterator's state is one integer and a restored iterator
 yields exactly the batches the original would have.
 
-Multi-process: each jax process owns a contiguous, equal-sized row range of the split
-(grain's ``ShardByJaxProcess``) and loads ``batch_size / process_count`` rows per step;
-:func:`saejax.parallel.host_to_global` assembles the global batch on the mesh.
+Multi-process: every process computes the same plan for the whole split (chunk order,
+windows, row permutations) and loads only its rows ``[lo, hi)`` of each *global* batch
+(:func:`saejax.parallel.process_rows`, from the mesh); :func:`saejax.parallel.host_to_global`
+assembles the global batch on the mesh. Batch ``j`` is therefore the same rows in the same
+order for any number of processes, and a loader state saved by an N-process run restores
+in an M-process run. The price: with shuffling, a process reads every window a batch
+touches (each process reads the whole stream and keeps ``(hi - lo) / B`` of it), which the
+chunk cache and the store's read rate (benchmarks/RESULTS.md) make affordable up to tens of
+processes.
 
-Legend: B global batch, b per-process batch, T tokens per context.
+Legend: B global batch, b = hi - lo this process's rows of it, T tokens per context.
 """
 
 from __future__ import annotations
@@ -33,38 +39,37 @@ ReadRows = Callable[[int, int], np.ndarray]
 
 
 class ChunkShuffleBatches(grain.MapDataset):
-    """Batch ``j`` -> this process's ``b`` rows of global batch ``j``.
+    """Batch ``j`` -> rows ``[lo, hi)`` of global batch ``j`` (all of it by default).
 
     Args:
       read_rows: reads rows [start, stop) of the split (one tensorstore read).
       num_rows: rows in the split.
       chunk_rows: the store's rows per chunk (reads never cross a chunk).
-      batch_size: rows per batch for this process.
+      batch_size: rows per global batch.
       seed: shuffle seed (the same on every process).
       shuffle: permute chunk order and rows within windows every epoch.
       num_epochs: None repeats forever.
       window_chunks: chunks mixed together by the row permutation.
-      shard_index, shard_count: this process's row range among ``shard_count``.
+      rows: this process's slice ``(lo, hi)`` of every global batch.
     """
 
     def __init__(self, read_rows: ReadRows, num_rows: int, chunk_rows: int, batch_size: int, *,
                  seed: int, shuffle: bool, num_epochs: int | None, window_chunks: int,
-                 shard_index: int = 0, shard_count: int = 1):
+                 rows: tuple[int, int] | None = None):
         super().__init__()
-        per_shard = num_rows // shard_count
-        self._lo = shard_index * per_shard
-        self._hi = self._lo + per_shard
-        self.batches_per_epoch = per_shard // batch_size
+        self.batches_per_epoch = num_rows // batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(
-                f"config field 'loader.batch_size' = {batch_size * shard_count} is invalid: each "
-                f"of the {shard_count} processes needs {batch_size} rows per batch but its shard "
-                f"of the split has only {per_shard} rows")
+                f"config field 'loader.batch_size' = {batch_size} is invalid: the split has "
+                f"only {num_rows} rows")
+        lo, hi = rows or (0, batch_size)
+        if not 0 <= lo < hi <= batch_size:
+            raise ValueError(f"rows {(lo, hi)} are not a slice of a {batch_size}-row batch")
+        self._slice = (lo, hi)
         self._read = read_rows
         self._batch = batch_size
         self._seed, self._shuffle, self._epochs = seed, shuffle, num_epochs
-        starts = list(range(self._lo - self._lo % chunk_rows, self._hi, chunk_rows))
-        self._blocks = [(max(s, self._lo), min(s + chunk_rows, self._hi)) for s in starts]
+        self._blocks = [(s, min(s + chunk_rows, num_rows)) for s in range(0, num_rows, chunk_rows)]
         self._window_chunks = window_chunks
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._epoch_plan: dict[int, tuple[list[list[tuple[int, int]]], np.ndarray]] = {}
@@ -76,7 +81,7 @@ class ChunkShuffleBatches(grain.MapDataset):
         return self._epochs * self.batches_per_epoch
 
     def __str__(self) -> str:
-        return f"ChunkShuffleBatches(rows=[{self._lo},{self._hi}), b={self._batch})"
+        return f"ChunkShuffleBatches(B={self._batch}, slice={self._slice})"
 
     def _plan(self, epoch: int) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
         """Windows of blocks for an epoch, and the cumulative row count at window ends."""
@@ -109,7 +114,8 @@ class ChunkShuffleBatches(grain.MapDataset):
         epoch, j = divmod(index, self.batches_per_epoch)
         with self._lock:
             windows, ends = self._plan(epoch)
-            pos = np.arange(j * self._batch, (j + 1) * self._batch)
+            lo, hi = self._slice
+            pos = np.arange(j * self._batch + lo, j * self._batch + hi)
             win_of = np.searchsorted(ends, pos, side="right")
             out = []
             for w in np.unique(win_of):
@@ -161,17 +167,16 @@ class BatchLoader:
 def _shard_dataset(read_rows: ReadRows, num_rows: int, chunk_rows: int, config: LoaderConfig,
                    mesh: jax.sharding.Mesh) -> ChunkShuffleBatches:
     parallel.check_divisible("loader.batch_size", config.batch_size, mesh, parallel.DATA)
-    local = parallel.process_batch_size(config.batch_size)
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     return ChunkShuffleBatches(
-        read_rows, num_rows, chunk_rows, local, seed=config.seed, shuffle=config.shuffle,
-        num_epochs=config.num_epochs, window_chunks=config.window_chunks,
-        shard_index=shard.shard_index, shard_count=shard.shard_count)
+        read_rows, num_rows, chunk_rows, config.batch_size, seed=config.seed,
+        shuffle=config.shuffle, num_epochs=config.num_epochs, window_chunks=config.window_chunks,
+        rows=parallel.process_rows(mesh, config.batch_size))
 
 
 def _identity(config: LoaderConfig, **kw) -> dict:
+    # No process count: the stream is the same for any number of processes.
     return {**kw, "batch_size": config.batch_size, "seed": config.seed, "shuffle": config.shuffle,
-            "processes": jax.process_count()}
+            "window_chunks": config.window_chunks}
 
 
 class TokenLoader(BatchLoader):
