@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from saejax import parallel
 from saejax.lm.model import forward
 from saejax.lm.sites import Ablate, Replace
 
@@ -128,7 +129,7 @@ def evaluate(step, lm_params, splice_params, mean, batches: Iterable[Int[Array, 
         total = out if total is None else jax.tree.map(jnp.add, total, out)
     if total is None:
         raise ValueError("evaluation got no token batches")
-    return summarize(jax.tree.map(np.asarray, total), dense_threshold)
+    return summarize(parallel.to_host(total), dense_threshold)
 
 
 def density_histogram(density: np.ndarray, floor: float = 1e-10, bins: int = 50

@@ -121,6 +121,23 @@ def check_divisible(name: str, value: int, mesh: Mesh, axis: str) -> None:
                           f"mesh's {axis!r} axis size {size}")
 
 
+def to_host(x) -> np.ndarray:
+    """A global array (or pytree of them) as NumPy on every process.
+
+    Arrays held entirely by this process are copied as they are; arrays with shards on
+    other processes (e.g. a per-feature vector split over a "model" axis that spans hosts)
+    are gathered, which is a collective: every process must call it.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree.map(one, x)
+
+
 def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of a global batch (sharded over "batch") held by this process.
 

@@ -335,7 +335,7 @@ def train(cfg: SAETrainConfig, *, stop_at: int | None = None) -> dict[str, Any]:
                     logging.info("step %d: resampled %d dead features in %.2f s", done, n_dead, dt)
                 if done % cfg.eval_every == 0:
                     summary["eval"] = run_eval(done)
-                    density = np.asarray(feature_counts) / max(1, cfg.eval_every * cfg.batch_size)
+                    density = parallel.to_host(feature_counts) / max(1, cfg.eval_every * cfg.batch_size)
                     alive = density[density > 0]
                     if alive.size:
                         writer.write_histogram(done, "train/log10_feature_density", np.log10(alive))

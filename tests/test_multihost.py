@@ -226,3 +226,25 @@ def test_one_process_killed_mid_run_makes_the_other_exit_clearly(tiny_lm_dir, re
                      r"coordination service", out), out[-4000:]
     print(f"process {1 - victim_index} exited {waited:.1f} s after process {victim_index} was "
           f"killed (code {code})")
+
+
+def test_model_axis_across_processes_trains_like_one_process(tiny_lm_dir, reference, tmp_path):
+    """Mesh (1, 8): the dictionary is split over devices of both processes and both hold
+    (and load) the whole batch; the result equals the same run in one process."""
+    steps = {"num_steps": 12, "sae.resample_steps": (6,), "mesh.data": 1, "mesh.model": 8}
+    from experiments import sae_tiny
+
+    want_dir = tmp_path / "one"
+    cd = _set(sae_tiny.get_config(), {**sae_overrides(tiny_lm_dir, reference["store"],
+                                                      str(want_dir)), **steps})
+    train(from_config(SAETrainConfig, cd))
+    got_dir = tmp_path / "two"
+    _run_two("train_sae.py", str(ROOT / "experiments" / "sae_tiny.py"),
+             {**sae_overrides(tiny_lm_dir, reference["store"], str(got_dir)), **steps})
+    want, _, _ = load_sae(str(want_dir))
+    got, _, meta = load_sae(str(got_dir))
+    assert meta["step"] == 12
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                            strict=True):  # same tolerance and reason as above
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
