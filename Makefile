@@ -1,11 +1,14 @@
 # saejax: `make demo` runs the main job on the embedded default corpus; `make test` runs the tests.
-# Both create (or refresh, when pyproject.toml changed) the local .venv first.
+# Both create (or refresh, when pyproject.toml changed) the local .venv first: the demo needs
+# only saejax's own dependencies, the tests add the dev and hf (torch, transformers) extras.
 
-PYTHON ?= $(shell for p in python3.12 python3.11 python3; do command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && echo $$p && break; done)
+PYTHON ?= $(shell for p in python3.12 python3.11 python3; do command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $$p && break; done)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,hf
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+BASE   := $(VENV)/.installed-base
 RUNS   ?= runs
 # Transparent huge pages for malloc: XLA:CPU allocates fresh [batch, features] buffers every
 # step and page faults otherwise dominate its elementwise passes (~3x, benchmarks/RESULTS.md).
@@ -13,16 +16,23 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv demo test test-slow test-all bench lint clean
 
-$(STAMP): pyproject.toml
+define install
 	@test -n "$(PYTHON)" || { echo "saejax needs Python >= 3.11 (python3.11 or python3.12 on PATH)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
-	@touch $(STAMP)
+	$(PY) -m pip install --quiet -e '$(1)'
+	@touch $@
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,.[$(EXTRAS)])
+
+$(BASE): pyproject.toml
+	$(call install,.)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) launch/demo.py --runs=$(RUNS)
 
 test: $(STAMP)

@@ -3,7 +3,7 @@ sized for a 2-core CPU budget (~8 minutes).
 
     python launch/train_sae.py --config=experiments/sae_demo.py --config.lm_dir=runs/demo/lm
 
-Inputs normalised to E||x|| = sqrt(512); 450 steps of 4,096 activations (1.8M tokens)
+Inputs normalised to E||x|| = sqrt(512); 400 steps of 4,096 activations (1.6M tokens)
 through the device shuffle buffer; neuron resampling on the paper's procedure with a
 schedule scaled to the run (steps 100, 200, 300; dead = silent for 100 steps = 409,600
 inputs; loss on 65,536 sampled inputs). Argument "topk" (default: TopK, k = 24, which
@@ -25,7 +25,7 @@ def get_config(arch: str = "topk") -> ml_collections.ConfigDict:
     c.lm_dir = "runs/demo/lm"
     c.workdir = f"runs/demo/sae_{arch}"
     c.batch_size = 4096
-    c.num_steps = 450
+    c.num_steps = 400
     c.lm_batch_size = 32
     c.buffer_rows = 4096 * 32
     c.norm_sample_contexts = 256

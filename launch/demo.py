@@ -4,7 +4,7 @@
 
 Stages (each resumes, or is skipped when already complete, on a re-run):
   1. corpus: this Python's stdlib source -> BPE-4096 token store (runs/demo/corpus);
-  2. lm: the paper's 1-layer model (d_model 128, 512 ReLU neurons), 700 steps (runs/demo/lm);
+  2. lm: the paper's 1-layer model (d_model 128, 512 ReLU neurons), 600 steps (runs/demo/lm);
   3. sae: a 4,096-feature dictionary on its MLP neurons with resampling (runs/demo/sae);
   4. report: evaluation, feature statistics (ablation effects for the 1,024 densest
      features; --report_ablation_features=0 for all), plots and the HTML dashboard, and
@@ -23,8 +23,8 @@ from absl import app, flags, logging  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RUNS = flags.DEFINE_string("runs", "runs", "where runs/demo/... are written")
 _LM_STEPS = flags.DEFINE_integer(
-    "lm_steps", 700, "LM training steps (experiments/lm_paper.py runs 800; the demo stops at "
-    "700 to fit its 20-minute budget)")
+    "lm_steps", 600, "LM training steps (experiments/lm_paper.py runs 800; the demo stops at "
+    "600 to fit its 20-minute budget)")
 _SAE_STEPS = flags.DEFINE_integer("sae_steps", None, "override the SAE's training steps")
 _CONTEXTS = flags.DEFINE_integer("report_contexts", 512, "held-out contexts for the report")
 _ABLATE = flags.DEFINE_integer(
