@@ -121,7 +121,7 @@ def check_divisible(name: str, value: int, mesh: Mesh, axis: str) -> None:
                           f"mesh's {axis!r} axis size {size}")
 
 
-def to_host(x) -> np.ndarray:
+def to_host(x):
     """A global array (or pytree of them) as NumPy on every process.
 
     Arrays held entirely by this process are copied as they are; arrays with shards on
