@@ -9,10 +9,12 @@ through the device shuffle buffer); Adam lr 3e-4; neuron resampling every 500 st
 2,500 with dead = silent for 200 steps = 819,200 inputs (the paper's resampling sample
 size) and the loss computed on 262,144 sampled inputs.
 
-Why lr 3e-4: a first run at lr 1e-3 (the demo's rate) reached 96.2% loss recovered at L0
-20 by step 1,000, but features kept dying: 0.2% dead at step 500, 4.0% at 800, 17.7% at
-1,000 and 34.1% at 1,200 despite resampling at 400/800/1,200. A TopK latent that leaves
-every input's top k gets no gradient, so churn from a large step size kills it for good.
+Measured 2026-11-25 (benchmarks/RESULTS.md): 56 min on the 2-core VM, **96.4% loss
+recovered at L0 20, but 30.1% dead** at step 3,000 (dead stayed at 0.4-2% from step 550 to
+1,500, then rose to 16.7% by 2,400 and 30.1% by 3,000 despite the resamples): the dead
+target is missed. A TopK latent that leaves every input's top k gets no gradient; a first
+run at lr 1e-3 collapsed earlier (dead 17.7% at step 1,000). AuxK (Gao et al.) is the next
+step.
 Argument "relu" trains the paper's ReLU + L1 (lambda 1e-2) on the same schedule instead.
 benchmarks/RESULTS.md records what a run reached and how long it took.
 """
