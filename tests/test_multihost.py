@@ -58,12 +58,7 @@ def sae_overrides(lm_dir: str, store: str, workdir: str) -> dict:
 
 
 def _set(cd, overrides: dict):
-    for k, v in overrides.items():
-        *path, leaf = k.split(".")
-        target = cd
-        for part in path:
-            target = target[part]
-        target[leaf] = v
+    cd.update_from_flattened_dict(overrides)  # dotted keys, e.g. "sae.resample_steps"
     return cd
 
 

@@ -35,12 +35,7 @@ def tiny_config(lm_dir, workdir, **overrides):
     cd.progress_bar = False
     cd.async_checkpoints = True
     cd.eval_every = 1000  # only the final evaluation
-    for k, v in overrides.items():  # dotted keys, e.g. "sae.resample_steps"
-        *path, leaf = k.split(".")
-        target = cd
-        for part in path:
-            target = target[part]
-        target[leaf] = v
+    cd.update_from_flattened_dict(overrides)  # dotted keys, e.g. "sae.resample_steps"
     return cd
 
 
