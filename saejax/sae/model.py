@@ -8,15 +8,23 @@
 
 Layout: ``W_enc`` and ``W_dec`` are both [F, D] (feature-major), so the latent axis is the
 leading, sharded axis of both, the paper's "encoder row i" is ``W_enc[i]`` and its
-"decoder column i" (dictionary vector i) is ``W_dec[i]``. This layout also picks the fast
-XLA:CPU dot layouts: the two weight gradients come out as [F, D] = A^T B products, which
-run at full matmul speed, while a [D, F] = A^T B output ran ~40% slower (2-core CPU,
-jax 0.10: 82 vs 133 GFLOP/s at B = F = 4096, D = 512).
+"decoder column i" (dictionary vector i) is ``W_dec[i]``.
 
 The backward pass is written out (``jax.vjp`` only for the activation and penalty) so a
 step costs exactly five B x D x F matmuls: two forward, dW_dec, df, dW_enc. The gradient of
 the tied bias through the encoder is sum_b(d_pre) @ W_enc, a vector-matrix product,
 where autodiff would spend a sixth full matmul on d_x_bar.
+
+Where the [B, F] intermediates live decides the matmul speed on XLA:CPU: a product that
+contracts the *leading* axis of a big operand (f^T d_xhat and d_pre^T x_bar when they are
+[B, F]) runs ~20% slower than one that contracts a trailing axis, and a transposed copy of
+a [B, F] array costs ~17 ms at 4,096^2 (2-core CPU, jax 0.10: 122 vs 100 ms per matmul at
+B = F = 4,096, D = 512). Architectures whose activation acts on each pre-activation alone
+(``Architecture.feature_major``, e.g. ReLU) therefore run with feature-major [F, B]
+intermediates, where all five products contract a trailing axis and only [F, D] / [D, B]
+arrays (8 MB) are ever transposed; the others (TopK, whose top-k runs along features)
+keep batch-major [B, F], where ``lax.top_k`` works on the trailing axis. Both layouts
+compute the same numbers (tests check both against autodiff).
 
 Legend: B batch, D input width, F features.
 """
@@ -125,43 +133,70 @@ def per_input_loss(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig)
     return loss
 
 
-def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Forward:
+def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
+                     feature_major: bool | None = None) -> Forward:
     """Loss, its parts and the exact gradient w.r.t. all parameters (five matmuls).
 
     Args:
       params: SAE parameters.
       x: a 2-D float32 batch.
       config: SAE config (architecture, precision, coefficients).
+      feature_major: run with [F, B] intermediates (see the module docstring); None takes
+        the architecture's ``feature_major``. Both layouts give the same result.
 
     Returns:
       A :class:`Forward` with batch-mean loss, MSE (mean over elements), penalty, the
       features, the reconstruction and the raw (unprojected) gradients.
     """
     arch = get_architecture(config.architecture)
+    if feature_major is None:
+        feature_major = arch.feature_major
     p = config.precision
     b, d = x.shape
+    # "_l" arrays are [F, B] when feature-major, else [B, F]; ``view`` gives their [B, F]
+    # view (a transpose that XLA folds into the activation's and penalty's elementwise
+    # ops and reductions). ``bax`` is their batch axis.
+    view = (lambda z: z.T) if feature_major else (lambda z: z)  # noqa: E731
+    bax = 1 if feature_major else 0
+
+    def by_features(a: Float[Array, "B D"], w: Float[Array, "F D"]) -> Float[Array, "M N"]:
+        """a @ w^T in the intermediates' layout (contracts D, the trailing axis of both)."""
+        return _mm(w, a, p, contract=(1, 1)) if feature_major else _mm(a, w, p, contract=(1, 1))
+
     x_bar = x - params.b_dec
-    pre = _mm(x_bar, params.W_enc, p, contract=(1, 1)) + params.b_enc      # matmul 1: x_bar W_enc^T
-    f, act_vjp = jax.vjp(lambda z: arch.activation(z, config), pre)
-    x_hat = _mm(f, params.W_dec, p) + params.b_dec                          # matmul 2
+    b_enc_l = params.b_enc[:, None] if feature_major else params.b_enc
+    pre_l = by_features(x_bar, params.W_enc) + b_enc_l                              # 1: x_bar W_enc^T
+    f_l, act_vjp = jax.vjp(lambda z: view(arch.activation(view(z), config)), pre_l)
+    if feature_major:
+        # W_dec^T f_t, then back to [B, D]; the barriers keep XLA from folding either
+        # transpose into the dot (which would contract f_t's leading axis again).
+        barrier = jax.lax.optimization_barrier
+        x_hat = barrier(_mm(barrier(params.W_dec.T), f_l, p)).T + params.b_dec      # 2
+    else:
+        x_hat = _mm(f_l, params.W_dec, p) + params.b_dec                            # 2
     err = x_hat - x
     mse = jnp.mean(jnp.square(err))
     d_xhat = err * (2.0 / (b * d))
-    g_wdec = _mm(f, d_xhat, p, contract=(0, 0))                             # matmul 3: f^T d_xhat
-    d_f = _mm(d_xhat, params.W_dec, p, contract=(1, 1))                     # matmul 4: d_xhat W_dec^T
+    g_wdec = _mm(f_l, d_xhat, p, contract=(bax, 0))                                 # 3: f^T d_xhat
+    d_f_l = by_features(d_xhat, params.W_dec)                                       # 4: d_xhat W_dec^T
     if arch.penalty is not None:
-        pen, pen_vjp = jax.vjp(lambda z: arch.penalty(z, config), f)
+        pen, pen_vjp = jax.vjp(lambda z: arch.penalty(view(z), config), f_l)
         penalty = jnp.mean(pen)
-        d_f = d_f + pen_vjp(jnp.full((b,), 1.0 / b, jnp.float32))[0]
+        d_f_l = d_f_l + pen_vjp(jnp.full((b,), 1.0 / b, jnp.float32))[0]
     else:
         penalty = jnp.zeros((), jnp.float32)
-    (d_pre,) = act_vjp(d_f)
-    g_benc = jnp.sum(d_pre, axis=0)
-    g_wenc = _mm(d_pre, x_bar, p, contract=(0, 0))                          # matmul 5: d_pre^T x_bar
+    (d_pre_l,) = act_vjp(d_f_l)
+    if feature_major:
+        # Row sums as a matrix-vector product: a plain reduce over the trailing axis made
+        # XLA:CPU transpose the whole [F, B] array first.
+        g_benc = _mm(d_pre_l, jnp.ones((b, 1), jnp.float32), "f32")[:, 0]
+    else:
+        g_benc = jnp.sum(d_pre_l, axis=0)
+    g_wenc = _mm(d_pre_l, x_bar, p, contract=(bax, 0))                              # 5: d_pre^T x_bar
     # b_dec enters twice: + in x_hat, - in x_bar (whose gradient is d_pre @ W_enc).
     g_bdec = jnp.sum(d_xhat, axis=0) - jnp.dot(g_benc, params.W_enc, precision=jax.lax.Precision.HIGHEST)
     grads = SAEParams(W_enc=g_wenc, b_enc=g_benc, W_dec=g_wdec, b_dec=g_bdec)
-    return Forward(loss=mse + penalty, mse=mse, penalty=penalty, f=f, x_hat=x_hat, grads=grads)
+    return Forward(loss=mse + penalty, mse=mse, penalty=penalty, f=view(f_l), x_hat=x_hat, grads=grads)
 
 
 def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "M N"]:

@@ -41,11 +41,18 @@ class Architecture:
       activation: ``(pre [B, F], config) -> f [B, F]``; must be differentiable by jax.vjp
         (use straight-through estimators via custom_vjp where needed).
       penalty: ``(f [B, F], config) -> [B]`` sparsity loss per input, or None for none.
+      feature_major: True if the activation acts on each pre-activation alone (no
+        reduction across features, unlike top-k); the step then keeps its [B, F]
+        intermediates feature-major, where all five matmuls run at full speed on
+        XLA:CPU (see :mod:`saejax.sae.model`). Only speed depends on it.
+
+    Features are non-negative in every architecture: "fires" means f > 0 throughout saejax.
     """
 
     name: str
     activation: ActivationFn
     penalty: PenaltyFn | None = None
+    feature_major: bool = False
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}

@@ -22,4 +22,5 @@ def l1_penalty(f: Float[Array, "B F"], config) -> Float[Array, " B"]:
     return config.l1_coefficient * jnp.sum(jnp.abs(f), axis=-1)
 
 
-RELU = register_architecture(Architecture(name="relu", activation=relu_activation, penalty=l1_penalty))
+RELU = register_architecture(Architecture(name="relu", activation=relu_activation, penalty=l1_penalty,
+                                           feature_major=True))

@@ -178,8 +178,11 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
         new_params = optax.apply_updates(params, updates)
         new_params = new_params.replace(W_dec=model.unit_rows(new_params.W_dec))
 
+        # Inputs on which each feature fired (f != 0; features are non-negative, so f > 0).
+        # sum(|sign(f)|) in f32 (exact below 2^24 rows) is one fused read of f on XLA:CPU;
+        # a compare-and-convert first wrote a [B, F] f32 mask (21.6 vs 15.5 ms at 4096^2).
+        counts = jnp.sum(jnp.abs(jnp.sign(out.f)), axis=0).astype(jnp.int32)
         finite = jnp.isfinite(out.loss) & _all_finite(grads)
-        counts = jnp.sum(out.f > 0, axis=0, dtype=jnp.float32).astype(jnp.int32)  # f32 sum: a fast fused reduce on CPU
         step_next = state.step + 1
         last_fired = jnp.where(counts > 0, step_next, state.last_fired)
         # A non-finite batch must not reach the parameters: keep the old ones (the loop
@@ -197,7 +200,9 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
             "loss": out.loss,
             "mse": out.mse,
             # Same expression as the ReLU penalty's row sums, so XLA computes it once.
-            "l1": jnp.mean(jnp.sum(jnp.abs(out.f), axis=-1)),
+            # The barrier keeps XLA from merging the two sums into one [B, F] reduction, so
+            # the per-input sums are shared with the L1 penalty's (one pass over f, not two).
+            "l1": jnp.mean(jax.lax.optimization_barrier(jnp.sum(jnp.abs(out.f), axis=-1))),
             "sparsity_loss": out.penalty,
             "l0": jnp.sum(counts) / b,
             "explained_variance": 1.0 - err_sq / jnp.maximum(total_var, 1e-30),
