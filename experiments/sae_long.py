@@ -29,7 +29,7 @@ def get_config(arch: str = "topk") -> ml_collections.ConfigDict:
     c.sae.update(architecture=arch, k=20, l1_coefficient=1e-2, lr=3e-4,
                  resample_steps=(500, 1000, 1500, 2000, 2500), dead_window=200,
                  resample_sample_size=262_144, resample_chunk_size=8192,
-                 geometric_median_iters=100)
+                 geometric_median_iters=100, aux_k=256 if arch == "topk" else 0)
     c.lm_dir = "runs/lm/paper"
     c.workdir = f"runs/sae/long_{arch}"
     c.batch_size = 4096

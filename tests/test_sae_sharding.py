@@ -69,19 +69,33 @@ def test_sharded_equals_single_device(shape, data, single):
             np.testing.assert_allclose(mg[k], mw[k], rtol=2e-5, atol=2e-6, err_msg=k)
 
 
-def test_topk_sharded_equals_single_device():
-    """TopK's top_k runs over the sharded latent axis; it must pick the same features."""
-    cfg = SAEConfig(d_in=D, n_features=F, architecture="topk", k=4, lr=1e-3)
+@pytest.mark.parametrize("aux_k", [0, 3])
+def test_topk_sharded_equals_single_device(aux_k):
+    """TopK's top_k runs over the sharded latent axis; it must pick the same features. With
+    AuxK, the candidate top_k, gathers and row scatters run over it too."""
+    cfg = SAEConfig(d_in=D, n_features=F, architecture="topk", k=4, lr=1e-3, aux_k=aux_k,
+                    aux_candidates=8, dead_window=5)
     x = np.abs(np.random.RandomState(1).randn(2 * B, D)).astype(np.float32)
+    # Features 0..11 last fired 10 steps ago (dead), with distinct staleness so the 8 AuxK
+    # candidates are well defined; the others fired in the last step.
+    last_fired = np.full((F,), 10, np.int32)
+    last_fired[:12] = np.arange(12) % 5
     out = []
     for mesh in (make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1]),
                  make_mesh(MeshConfig(data=2, model=4))):
         state = init_state(cfg, mesh, x)
+        state = state.replace(step=jax.device_put(jnp.int32(10), state.step.sharding),
+                              last_fired=jax.device_put(jnp.asarray(last_fired), state.last_fired.sharding))
         step = make_train_step(cfg, mesh)
+        aux = []
         for i in range(2):
             state, m = step(state, jnp.asarray(x[i * B:(i + 1) * B]))
-        out.append((jax.device_get(state.params), jax.device_get(m)))
-    (p1, m1), (p8, m8) = out
+            aux.append(float(m["aux_loss"]))
+        out.append((jax.device_get(state.params), jax.device_get(m), aux))
+    (p1, m1, aux1), (p8, m8, aux8) = out
+    # The forced-dead features are live after the first step (they fire on that batch).
+    assert (aux1[0] > 0) if aux_k else (aux1 == [0.0, 0.0])
+    np.testing.assert_allclose(aux8, aux1, rtol=2e-5)
     np.testing.assert_array_equal(m8["feature_counts"], m1["feature_counts"])
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

@@ -104,6 +104,61 @@ def test_handwritten_gradients_match_autodiff(arch, feature_major):
         np.testing.assert_allclose(getattr(out.grads, k), getattr(auto, k), rtol=1e-4, atol=1e-7, err_msg=k)
 
 
+def _auxk_reference_loss(params, x, cfg, stale, candidates):
+    """Dense AuxK for jax.grad: dead features restricted to ``candidates``, threshold fixed."""
+    x_hat = model.decode(params, model.encode(params, x, cfg), cfg)
+    e = jax.lax.stop_gradient(x - x_hat)
+    pre = (x - params.b_dec) @ params.W_enc.T + params.b_enc
+    dead = jnp.asarray((stale >= cfg.dead_window) & candidates)
+    masked = jnp.where(dead, pre, -jnp.inf)
+    kth = jax.lax.stop_gradient(jnp.min(jax.lax.top_k(masked, cfg.aux_k)[0], axis=-1, keepdims=True))
+    z = jnp.where(dead & (masked >= kth) & (pre > 0), pre, 0.0)
+    scale = cfg.aux_coefficient * min(int(np.sum(stale >= cfg.dead_window)) / cfg.aux_k, 1.0)
+    return scale * jnp.mean(jnp.square(z @ params.W_dec - e))
+
+
+@pytest.mark.parametrize("candidates", [F, 4])
+def test_auxk_gradients_match_autodiff(candidates):
+    cfg = SAEConfig(d_in=D, n_features=F, architecture="topk", k=4, aux_k=3, aux_candidates=candidates,
+                    aux_coefficient=0.5, dead_window=10)
+    x = jnp.asarray(_inputs(3))
+    params = model.init_params(jax.random.PRNGKey(5), cfg, jnp.zeros((D,)) + 0.1)
+    params = params.replace(b_enc=jax.random.normal(jax.random.PRNGKey(6), (F,)) * 0.1)
+    stale = np.zeros((F,), np.int32)
+    stale[[1, 4, 6, 9, 13]] = [10, 40, 25, 11, 30]  # five dead, distinct staleness
+    # The AuxK candidates are the longest-dead: all five, or (4 of them) all but feature 1.
+    cand = np.zeros((F,), bool)
+    cand[[4, 13, 6, 9, 1][:candidates]] = True
+    out = model.forward_backward(params, x, cfg, stale=jnp.asarray(stale))
+    plain = model.forward_backward(params, x, cfg)
+
+    def total(p):
+        return jnp.mean(model.per_input_loss(p, x, cfg)) + _auxk_reference_loss(p, x, cfg, stale, cand)
+
+    ref_aux = _auxk_reference_loss(params, x, cfg, stale, cand)
+    assert float(ref_aux) > 1e-4  # the term is live in this setup
+    auto_loss, auto = jax.value_and_grad(total)(params)
+    np.testing.assert_allclose(out.aux_loss, ref_aux, rtol=1e-5)
+    np.testing.assert_allclose(out.loss, auto_loss, rtol=1e-6)
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(getattr(out.grads, k), getattr(auto, k), rtol=1e-4, atol=1e-7, err_msg=k)
+    # Only candidate features' rows see the AuxK gradient.
+    for k in ("W_enc", "W_dec", "b_enc"):
+        changed = np.any(np.asarray(getattr(out.grads, k) != getattr(plain.grads, k)).reshape(F, -1), axis=1)
+        assert changed.any() and not changed[~cand].any(), k
+
+
+def test_auxk_is_off_without_dead_features_or_stale_counts():
+    cfg = SAEConfig(d_in=D, n_features=F, architecture="topk", k=4, aux_k=3, dead_window=10)
+    x = jnp.asarray(_inputs(4))
+    params = model.init_params(jax.random.PRNGKey(7), cfg, jnp.zeros((D,)))
+    plain = model.forward_backward(params, x, cfg)
+    fresh = model.forward_backward(params, x, cfg, stale=jnp.full((F,), 9, jnp.int32))
+    assert float(plain.aux_loss) == float(fresh.aux_loss) == 0.0
+    for a, b in zip(jax.tree.leaves(fresh.grads), jax.tree.leaves(plain.grads), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _leading_axis_contractions(fn, *args) -> int:
     """Dots whose left operand is a [B, F] / [F, B] array contracted on its leading axis."""
     count = 0
@@ -187,6 +242,10 @@ def test_wrong_input_width_is_a_clear_setup_error(mesh1):
 def test_config_validation_names_field():
     with pytest.raises(ConfigError, match="sae.architecture"):
         SAEConfig(architecture="gelu")
+    with pytest.raises(ConfigError, match="sae.aux_k.*'topk'"):
+        SAEConfig(aux_k=8)
+    with pytest.raises(ConfigError, match="sae.aux_k.*aux_candidates"):
+        SAEConfig(architecture="topk", aux_k=64, aux_candidates=32)
     with pytest.raises(ConfigError, match="sae.precision"):
         SAEConfig(precision="fp8")
     with pytest.raises(ConfigError, match="sae.resample_steps"):

@@ -44,6 +44,16 @@ class SAEConfig:
         norm (the paper: 0.2).
       dense_threshold: a feature is "dense" if it fires on more than this fraction of a
         batch (the paper: 1%).
+      aux_k: AuxK (Gao et al. 2024, appendix A.2) for TopK: the ``aux_k`` largest
+        pre-activations among dead features (as ``dead_window`` defines them) reconstruct
+        the residual x - x_hat, which gives dead features a gradient again. 0 = off;
+        Gao et al. use d_in / 2 (256 for the paper's 512 neurons).
+      aux_coefficient: weight of the AuxK loss (Gao et al.: 1/32). Like theirs, the loss
+        is scaled down by min(1, dead / aux_k) when few features are dead.
+      aux_candidates: the AuxK term looks at this many of the longest-dead features (a
+        static size for jit). While any feature is dead it costs five B x D x
+        aux_candidates matmuls and a top-k over [B, aux_candidates] per step (the step
+        itself: five B x D x F matmuls); nothing while none is dead.
       geometric_median_iters: Weiszfeld iterations for the decoder-bias initialisation.
       seed: root RNG seed (initialisation and resampling draws).
     """
@@ -65,6 +75,9 @@ class SAEConfig:
     resample_chunk_size: int = 8_192
     resample_encoder_scale: float = 0.2
     dense_threshold: float = 0.01
+    aux_k: int = 0
+    aux_coefficient: float = 1.0 / 32
+    aux_candidates: int = 1024
     geometric_median_iters: int = 100
     seed: int = 0
 
@@ -98,5 +111,15 @@ class SAEConfig:
               f"must be a positive multiple of sae.resample_chunk_size={self.resample_chunk_size}")
         check_positive("sae.resample_encoder_scale", self.resample_encoder_scale)
         check_fraction("sae.dense_threshold", self.dense_threshold)
+        check("sae.aux_k", self.aux_k, isinstance(self.aux_k, int) and self.aux_k >= 0,
+              "must be an integer >= 0 (0 = AuxK off)")
+        check_nonnegative("sae.aux_coefficient", self.aux_coefficient)
+        check_positive("sae.aux_candidates", self.aux_candidates)
+        if self.aux_k > 0:
+            check("sae.aux_k", self.aux_k, self.architecture == "topk",
+                  f"AuxK is defined for architecture 'topk', not {self.architecture!r}")
+            check("sae.aux_k", self.aux_k, self.aux_k <= min(self.aux_candidates, self.n_features),
+                  f"must be <= sae.aux_candidates={self.aux_candidates} and "
+                  f"sae.n_features={self.n_features}")
         check_positive("sae.geometric_median_iters", self.geometric_median_iters)
         check_nonnegative("sae.seed", self.seed)

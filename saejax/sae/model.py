@@ -4,7 +4,7 @@
     pre   = x_bar @ W_enc^T + b_enc        [B, F]
     f     = activation(pre)                architecture-specific (ReLU, TopK, ...)
     x_hat = f @ W_dec + b_dec              [B, D]
-    loss  = mean_elements((x_hat - x)^2) + mean_batch(penalty(f))
+    loss  = mean_elements((x_hat - x)^2) + mean_batch(penalty(f))   [+ AuxK, see auxk.py]
 
 Layout: ``W_enc`` and ``W_dec`` are both [F, D] (feature-major), so the latent axis is the
 leading, sharded axis of both, the paper's "encoder row i" is ``W_enc[i]`` and its
@@ -31,14 +31,17 @@ Legend: B batch, D input width, F features.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
+from saejax.sae import auxk
 from saejax.sae.config import SAEConfig
+from saejax.sae.matmul import mm as _mm
 from saejax.sae.registry import get_architecture
 
 _NORM_EPS = 1e-12
@@ -65,6 +68,7 @@ class Forward(NamedTuple):
     loss: Float[Array, ""]
     mse: Float[Array, ""]
     penalty: Float[Array, ""]
+    aux_loss: Float[Array, ""]
     f: Float[Array, "B F"]
     x_hat: Float[Array, "B D"]
     grads: SAEParams
@@ -99,17 +103,6 @@ def init_params(key: Array, config: SAEConfig, b_dec: Float[Array, " D"]) -> SAE
                      b_dec=jnp.asarray(b_dec, jnp.float32).reshape(d))
 
 
-def _mm(a: Float[Array, "M K"], b: Float[Array, "K N"], precision: str,
-        contract: tuple[int, int] = (1, 0)) -> Float[Array, "M N"]:
-    """2-D matmul; "bf16" feeds bf16 inputs and accumulates in f32."""
-    if precision == "bf16":
-        a, b, prec = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), jax.lax.Precision.DEFAULT
-    else:
-        prec = jax.lax.Precision.HIGHEST  # true f32 on TPU/GPU too (CPU is f32 anyway)
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
-
-
 def encode(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Float[Array, "M N"]:
     """Feature activations f for inputs x."""
     arch = get_architecture(config.architecture)
@@ -134,7 +127,7 @@ def per_input_loss(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig)
 
 
 def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
-                     feature_major: bool | None = None) -> Forward:
+                     feature_major: bool | None = None, stale: Int[Array, " F"] | None = None) -> Forward:
     """Loss, its parts and the exact gradient w.r.t. all parameters (five matmuls).
 
     Args:
@@ -143,10 +136,14 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
       config: SAE config (architecture, precision, coefficients).
       feature_major: run with [F, B] intermediates (see the module docstring); None takes
         the architecture's ``feature_major``. Both layouts give the same result.
+      stale: per feature, steps since it last fired; with ``config.aux_k > 0`` the AuxK
+        loss (over features with ``stale >= config.dead_window``) joins the loss and its
+        gradient. It is skipped (a ``lax.cond``) while no feature is dead.
 
     Returns:
-      A :class:`Forward` with batch-mean loss, MSE (mean over elements), penalty, the
-      features, the reconstruction and the raw (unprojected) gradients.
+      A :class:`Forward` with batch-mean loss (including AuxK), MSE (mean over elements),
+      penalty, AuxK loss, the features, the reconstruction and the raw (unprojected)
+      gradients.
     """
     arch = get_architecture(config.architecture)
     if feature_major is None:
@@ -193,10 +190,20 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     else:
         g_benc = jnp.sum(d_pre_l, axis=0)
     g_wenc = _mm(d_pre_l, x_bar, p, contract=(bax, 0))                              # 5: d_pre^T x_bar
+    aux_loss = jnp.zeros((), jnp.float32)
+    if config.aux_k > 0 and stale is not None:
+        args = (params, x_bar, jax.lax.stop_gradient(x - x_hat), stale)
+        aux = jax.lax.cond(jnp.any(stale >= config.dead_window), functools.partial(auxk.auxk, config=config),
+                           functools.partial(auxk.no_auxk, config=config), *args)
+        aux_loss = aux.loss
+        g_wdec = g_wdec.at[aux.idx].add(aux.W_dec)
+        g_wenc = g_wenc.at[aux.idx].add(aux.W_enc)
+        g_benc = g_benc.at[aux.idx].add(aux.b_enc)
     # b_dec enters twice: + in x_hat, - in x_bar (whose gradient is d_pre @ W_enc).
     g_bdec = jnp.sum(d_xhat, axis=0) - jnp.dot(g_benc, params.W_enc, precision=jax.lax.Precision.HIGHEST)
     grads = SAEParams(W_enc=g_wenc, b_enc=g_benc, W_dec=g_wdec, b_dec=g_bdec)
-    return Forward(loss=mse + penalty, mse=mse, penalty=penalty, f=view(f_l), x_hat=x_hat, grads=grads)
+    return Forward(loss=mse + penalty + aux_loss, mse=mse, penalty=penalty, aux_loss=aux_loss, f=view(f_l),
+                   x_hat=x_hat, grads=grads)
 
 
 def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "M N"]:

@@ -8,8 +8,9 @@ module that calls :func:`register_architecture`.
 
 A *dead-feature strategy* is a factory ``(config, mesh) -> fn(state, sample_inputs) ->
 (state, info)`` that the training loop calls at the scheduled steps. The paper's neuron
-resampling is :mod:`saejax.sae.resample`; "none" leaves the state alone. Ghost grads or an
-AuxK loss would arrive the same way.
+resampling is :mod:`saejax.sae.resample`; "none" leaves the state alone. A remedy that is
+a loss term inside every step instead (AuxK, :mod:`saejax.sae.auxk`) is switched on by
+``SAEConfig.aux_k`` and works alongside any strategy.
 
 Built-in modules register themselves on import; lookups import them lazily so that
 ``saejax.sae.config`` can validate names without an import cycle.

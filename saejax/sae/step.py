@@ -172,7 +172,7 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
     def step(state: TrainState, batch: Float[Array, "B D"]) -> tuple[TrainState, dict[str, Array]]:
         x = batch.astype(jnp.float32).reshape(-1, config.d_in)
         params = state.params
-        out = model.forward_backward(params, x, config)
+        out = model.forward_backward(params, x, config, stale=state.step - state.last_fired)
         grads = out.grads.replace(W_dec=model.project_decoder_grad(out.grads.W_dec, params.W_dec))
         updates, opt_state = opt.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -204,6 +204,7 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
             # the per-input sums are shared with the L1 penalty's (one pass over f, not two).
             "l1": jnp.mean(jax.lax.optimization_barrier(jnp.sum(jnp.abs(out.f), axis=-1))),
             "sparsity_loss": out.penalty,
+            "aux_loss": out.aux_loss,
             "l0": jnp.sum(counts) / b,
             "explained_variance": 1.0 - err_sq / jnp.maximum(total_var, 1e-30),
             "frac_dead": jnp.mean(dead.astype(jnp.float32)),

@@ -2,7 +2,8 @@
 
 Written as a registry entry to show the seam: the shared model code supplies the tied
 bias, matmuls, unit-norm decoder and gradients. The gradient flows to the k kept
-pre-activations only (the threshold is a stop-gradient). AuxK is not implemented.
+pre-activations only (the threshold is a stop-gradient). AuxK, which gives dead latents a
+gradient again, lives in the shared model code (``SAEConfig.aux_k``).
 
 Legend: B batch, F features.
 """
