@@ -7,14 +7,13 @@ features. TopK with k = 20 fixes L0; 3,000 steps of 4,096 activations (12.3M tok
 3.5 passes over the default corpus's training split, activations produced on the fly
 through the device shuffle buffer); Adam lr 3e-4; neuron resampling every 500 steps up to
 2,500 with dead = silent for 200 steps = 819,200 inputs (the paper's resampling sample
-size) and the loss computed on 262,144 sampled inputs.
+size) and the loss computed on 262,144 sampled inputs; AuxK (Gao et al.) with aux_k 256.
 
-Measured 2026-11-25 (benchmarks/RESULTS.md): 56 min on the 2-core VM, **96.4% loss
-recovered at L0 20, but 30.1% dead** at step 3,000 (dead stayed at 0.4-2% from step 550 to
-1,500, then rose to 16.7% by 2,400 and 30.1% by 3,000 despite the resamples): the dead
-target is missed. A TopK latent that leaves every input's top k gets no gradient; a first
-run at lr 1e-3 collapsed earlier (dead 17.7% at step 1,000). AuxK (Gao et al.) is the next
-step.
+Measured 2026-11-25 (benchmarks/RESULTS.md), 2-core VM. With AuxK: 59 min, **96.9% loss
+recovered at L0 20, 13.5% dead** at step 3,000. Without AuxK (``--config.sae.aux_k=0``):
+56 min, 96.4% at L0 20, 30.1% dead. AuxK halves the dead fraction, but the <= 5% target
+is still missed: dead features come back after each resample and drift to 7-15% within
+500 steps.
 Argument "relu" trains the paper's ReLU + L1 (lambda 1e-2) on the same schedule instead.
 benchmarks/RESULTS.md records what a run reached and how long it took.
 """
