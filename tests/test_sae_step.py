@@ -221,6 +221,9 @@ def test_nonfinite_batch_keeps_params_and_raises_on_host(mesh1):
     for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
                     jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state), strict=True):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(state.last_fired, before.last_fired)
+    counts = np.asarray(m["feature_counts"])  # no garbage from casting NaN sums to int
+    assert counts.min() >= 0 and counts.max() <= len(bad)
     with pytest.raises(NonFiniteError, match="step 2"):
         check_finite(jax.device_get(m), 2)
     bad[3, 2] = np.inf
