@@ -192,7 +192,7 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     g_wenc = _mm(d_pre_l, x_bar, p, contract=(bax, 0))                              # 5: d_pre^T x_bar
     aux_loss = jnp.zeros((), jnp.float32)
     if config.aux_k > 0 and stale is not None:
-        args = (params, x_bar, jax.lax.stop_gradient(x - x_hat), stale)
+        args = (params, x_bar, -err, stale)  # the residual x - x_hat
         aux = jax.lax.cond(jnp.any(stale >= config.dead_window), functools.partial(auxk.auxk, config=config),
                            functools.partial(auxk.no_auxk, config=config), *args)
         aux_loss = aux.loss

@@ -201,9 +201,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
         metrics = {
             "loss": out.loss,
             "mse": out.mse,
-            # Same expression as the ReLU penalty's row sums, so XLA computes it once.
-            # The barrier keeps XLA from merging the two sums into one [B, F] reduction, so
-            # the per-input sums are shared with the L1 penalty's (one pass over f, not two).
+            # Same per-input sums as the ReLU penalty's; the barrier stops XLA from merging
+            # them into one [B, F] reduction, so both share one pass over f, not two.
             "l1": jnp.mean(jax.lax.optimization_barrier(jnp.sum(jnp.abs(out.f), axis=-1))),
             "sparsity_loss": out.penalty,
             "aux_loss": out.aux_loss,
