@@ -25,7 +25,10 @@ def main(argv):
     import jax
 
     from saejax import parallel
-    from saejax.config import CorpusConfig, CorpusJobConfig, LoaderConfig, MeshConfig, TokenizerConfig
+    from saejax.config import MeshConfig
+    from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+    from saejax.data.loader import LoaderConfig
+    from saejax.data.tokenizer import TokenizerConfig
     from saejax.data.corpus import build_token_store
     from saejax.data.loader import TokenLoader
 

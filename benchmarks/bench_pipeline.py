@@ -50,8 +50,12 @@ def main(argv):
     import numpy as np
 
     from saejax import parallel
-    from saejax.activations import ShuffleBuffer, harvest, harvest_chunk_rows, lm_producer
-    from saejax.config import CorpusConfig, CorpusJobConfig, LoaderConfig, MeshConfig
+    from saejax.activations import lm_producer
+    from saejax.buffer import ShuffleBuffer
+    from saejax.harvest import harvest, harvest_chunk_rows
+    from saejax.config import MeshConfig
+    from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+    from saejax.data.loader import LoaderConfig
     from saejax.data.activation_store import ActivationStore, ActivationStoreWriter
     from saejax.data.corpus import build_token_store
     from saejax.data.loader import ActivationLoader, TokenLoader

@@ -1,7 +1,7 @@
 """The demo dictionary: 4,096 features (paper A/1 shape) on the demo LM's 512 MLP neurons,
 sized for a 2-core CPU budget (~8 minutes).
 
-    python launch/train_sae.py --config=experiments/sae_demo.py --config.lm_dir=runs/demo/lm
+    python launch/train_sae.py --config=experiments/sae_demo.py --config.lm.dir=runs/demo/lm
 
 Inputs normalised to E||x|| = sqrt(512); 400 steps of 4,096 activations (1.6M tokens)
 through the device shuffle buffer; neuron resampling on the paper's procedure with a
@@ -22,16 +22,12 @@ def get_config(arch: str = "topk") -> ml_collections.ConfigDict:
                  resample_steps=(100, 200, 300), dead_window=100,
                  resample_sample_size=65_536, resample_chunk_size=8192,
                  geometric_median_iters=50)
-    c.lm_dir = "runs/demo/lm"
+    c.lm.dir = "runs/demo/lm"
     c.workdir = f"runs/demo/sae_{arch}"
     c.batch_size = 4096
     c.num_steps = 400
-    c.lm_batch_size = 32
-    c.buffer_rows = 4096 * 32
-    c.norm_sample_contexts = 256
-    c.eval_every = 250
-    c.eval_contexts = 512
-    c.eval_batch_contexts = 32
+    c.source.update(lm_batch_size=32, buffer_rows=4096 * 32, norm_sample_contexts=256)
+    c.eval.update(every=250, contexts=512, batch_contexts=32)
     c.log_every = 25
-    c.checkpoint_every = 100
+    c.checkpoint.every = 100
     return c

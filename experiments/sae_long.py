@@ -1,6 +1,6 @@
 """The longer CPU dictionary (about one hour on a 2-core machine): 4,096 features at L0 20.
 
-    python launch/train_sae.py --config=experiments/sae_long.py --config.lm_dir=runs/lm/paper
+    python launch/train_sae.py --config=experiments/sae_long.py --config.lm.dir=runs/lm/paper
 
 Aims at the issue's longer target: >= 90% loss recovered at L0 <= 20 with <= 5% dead
 features. TopK with k = 20 fixes L0; 3,000 steps of 4,096 activations (12.3M tokens, about
@@ -29,16 +29,12 @@ def get_config(arch: str = "topk") -> ml_collections.ConfigDict:
                  resample_steps=(500, 1000, 1500, 2000, 2500), dead_window=200,
                  resample_sample_size=262_144, resample_chunk_size=8192,
                  geometric_median_iters=100, aux_k=256 if arch == "topk" else 0)
-    c.lm_dir = "runs/lm/paper"
+    c.lm.dir = "runs/lm/paper"
     c.workdir = f"runs/sae/long_{arch}"
     c.batch_size = 4096
     c.num_steps = 3000
-    c.lm_batch_size = 32
-    c.buffer_rows = 4096 * 32
-    c.norm_sample_contexts = 256
-    c.eval_every = 1000
-    c.eval_contexts = 1024
-    c.eval_batch_contexts = 32
+    c.source.update(lm_batch_size=32, buffer_rows=4096 * 32, norm_sample_contexts=256)
+    c.eval.update(every=1000, contexts=1024, batch_contexts=32)
     c.log_every = 50
-    c.checkpoint_every = 250
+    c.checkpoint.every = 250
     return c

@@ -1,7 +1,7 @@
 """The paper's dictionaries on the 512-neuron MLP (Bricken et al. 2023, runs A/0 .. A/5).
 
     python launch/train_sae.py --config=experiments/sae_paper.py:a1 \
-        --config.lm_dir=runs/lm/paper --config.workdir=runs/sae/a1
+        --config.lm.dir=runs/lm/paper --config.workdir=runs/sae/a1
 
 Argument: a0 (512 features), a1 (4,096), a2 (16,384), a3 (32,768), a4 (65,536),
 a5 (131,072). Batch 8,192 activations, Adam lr 1e-4, neuron resampling at 25k/50k/75k/100k
@@ -18,6 +18,20 @@ from experiments import common
 SIZES = {"a0": 512, "a1": 4096, "a2": 16_384, "a3": 32_768, "a4": 65_536, "a5": 131_072}
 
 
+def source(kind: str = "lm") -> ml_collections.ConfigDict:
+    """The source section: LM activations on the fly (8,192 x 64 rows of shuffle buffer).
+
+    Kind-specific paths stay None unless their kind is chosen (``source.store_dir`` for
+    "store", ``source.paths`` for "arrays").
+    """
+    opt_str = lambda: ml_collections.FieldReference(None, field_type=str)  # noqa: E731
+    return ml_collections.ConfigDict(dict(
+        kind=kind, normalize=True, seed=0, shuffle=True, lm_batch_size=64,
+        buffer_rows=8192 * 64, norm_sample_contexts=256, store_dir=opt_str(), paths=opt_str(),
+        eval_store_dir=opt_str(), eval_paths=opt_str(), window_chunks=4, prefetch=2,
+        chunk_mb=16.0))
+
+
 def get_config(run: str = "a1") -> ml_collections.ConfigDict:
     if run not in SIZES:
         raise ValueError(f"unknown paper run {run!r}; choose one of {sorted(SIZES)}")
@@ -28,27 +42,16 @@ def get_config(run: str = "a1") -> ml_collections.ConfigDict:
         precision="f32", resample_steps=(25_000, 50_000, 75_000, 100_000), dead_window=12_500,
         resample_sample_size=819_200, resample_chunk_size=8_192, resample_encoder_scale=0.2,
         dense_threshold=0.01, geometric_median_iters=100, seed=0))
-    c.lm_dir = "runs/lm/paper"
-    c.site = "mlp.post"
-    c.source = "onthefly"
-    c.activation_store = ml_collections.FieldReference(None, field_type=str)
+    c.lm = ml_collections.ConfigDict(dict(
+        dir=ml_collections.FieldReference("runs/lm/paper", field_type=str), site="mlp.post"))
+    c.source = source()
+    c.eval = ml_collections.ConfigDict(dict(every=5000, contexts=512, batch_contexts=64,
+                                            rows=65_536))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3, async_save=True))
     c.workdir = f"runs/sae/{run}"
     c.batch_size = 8192
     c.num_steps = 125_000
-    c.lm_batch_size = 64
-    c.buffer_rows = 8192 * 64
-    c.normalize = True
-    c.norm_sample_contexts = 256
-    c.loader = ml_collections.ConfigDict(dict(batch_size=64, seed=0, shuffle=True,
-                                              num_epochs=ml_collections.FieldReference(None, field_type=int),
-                                              window_chunks=4, prefetch=2))
-    c.eval_every = 5000
-    c.eval_contexts = 512
-    c.eval_batch_contexts = 64
     c.log_every = 100
-    c.checkpoint_every = 5000
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
     c.progress_bar = True
     c.mesh = common.mesh()
     c.distributed = common.distributed()

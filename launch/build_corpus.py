@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saejax.config import ConfigError, CorpusJobConfig, from_config  # noqa: E402
+from saejax.config import ConfigError, from_config  # noqa: E402
+from saejax.data.corpus import CorpusJobConfig  # noqa: E402
 from saejax.data.corpus import build_token_store  # noqa: E402
 from saejax.data.sources import CorpusError  # noqa: E402
 from saejax.data.token_store import StoreError  # noqa: E402

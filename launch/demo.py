@@ -45,7 +45,8 @@ def main(argv):
 
     quiet_orbax_logs()
     from saejax.analysis.report import analyze_run
-    from saejax.config import CorpusJobConfig, from_config
+    from saejax.config import from_config
+    from saejax.data.corpus import CorpusJobConfig
     from saejax.data.corpus import build_token_store
     from saejax.lm.config import LMTrainConfig
     from saejax.lm.train import train as train_lm
@@ -77,7 +78,7 @@ def main(argv):
 
     t = stage("sae")
     cd = _load("sae_demo")
-    cd.lm_dir = os.path.join(demo, "lm")
+    cd.lm.dir = os.path.join(demo, "lm")
     cd.workdir = os.path.join(demo, "sae")
     if _SAE_STEPS.value:
         cd.num_steps = _SAE_STEPS.value

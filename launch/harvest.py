@@ -32,7 +32,7 @@ def main(argv):
     except ConfigError as e:
         sys.exit(f"harvest: {e}")
     parallel.initialize_distributed(cfg.distributed)
-    from saejax.activations import run_harvest
+    from saejax.harvest import run_harvest
     from saejax.data.token_store import StoreError
 
     try:

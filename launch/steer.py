@@ -9,8 +9,8 @@ normalisation the SAE was trained with); ``--scale`` instead adds that multiple 
 feature's decoder direction.
 
 The dictionary comes from an SAE training run (``--workdir``, latest checkpoint or
-``--step``), whose metadata names the LM and token store, or from an analysis export
-(``--sae=file.npz``, :func:`saejax.analysis.bundle.save_sae`), whose ``extra`` metadata may
+``--step``), whose run record names the LM and token store, or from an export
+(``--sae=file.npz``, :func:`saejax.sae.bundle.save_bundle`), whose ``extra`` metadata may
 name ``lm_dir`` and ``store_dir``. ``--lm_dir`` / ``--store_dir`` override either.
 """
 
@@ -24,7 +24,7 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "SAE training workdir (saejax.train checkpoints)")
 flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default latest)")
-flags.DEFINE_string("sae", None, "SAE export (.npz, saejax.analysis.bundle.save_sae) "
+flags.DEFINE_string("sae", None, "SAE export (.npz, saejax.sae.bundle.save_bundle) "
                     "instead of --workdir")
 flags.DEFINE_string("lm_dir", None, "LM training workdir or HF GPT-2 directory "
                     "(default: the SAE export's extra['lm_dir'])")
@@ -47,11 +47,20 @@ FLAGS = flags.FLAGS
 def load_inputs(sae_path: str | None, workdir: str | None, step: int | None,
                 lm_dir: str | None, store_dir: str | None):
     """(lm, sae bundle, tokenizer): an export file or a training run, paths overridable."""
-    from saejax.analysis.bundle import load_sae, load_sae_run
     from saejax.data.tokenizer import load_tokenizer
     from saejax.lm.restore import load_lm
+    from saejax.record import load_sae
+    from saejax.sae.bundle import load_bundle
 
-    sae, extra = load_sae(sae_path) if sae_path else load_sae_run(workdir, step=step)
+    if sae_path:
+        sae, extra = load_bundle(sae_path)
+    else:
+        sae, record = load_sae(workdir, step=step)
+        extra = {} if record.lm is None else {"lm_dir": record.lm.dir,
+                                              "store_dir": record.lm.token_store}
+    if sae.site is None:
+        raise ValueError("the dictionary names no LM site (trained on activations alone); "
+                         "steering needs one")
     lm_dir = lm_dir or extra.get("lm_dir")
     if not lm_dir:
         raise ValueError("no LM: pass --lm_dir (the SAE export names none)")

@@ -18,7 +18,8 @@ from ml_collections import config_flags  # noqa: E402
 from saejax import parallel  # noqa: E402
 from saejax.config import ConfigError, from_config  # noqa: E402
 from saejax.lm.config import LMTrainConfig  # noqa: E402
-from saejax.lm.train import NonFiniteLossError, train  # noqa: E402
+from saejax.lm.train import train  # noqa: E402
+from saejax.loop import NonFiniteError  # noqa: E402
 from saejax.metrics import quiet_orbax_logs  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/lm_paper.py",
@@ -38,7 +39,7 @@ def main(argv):
     parallel.initialize_distributed(config.distributed)
     try:
         summary = train(config, stop_at=flags.FLAGS.stop_at)
-    except (NonFiniteLossError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteError, ConfigError, FileNotFoundError, ValueError) as e:
         parallel.exit_with_error("train_lm", e)
     print(json.dumps(summary))
     if summary["interrupted"]:

@@ -1,7 +1,11 @@
-"""Trains a sparse autoencoder on LM activations (on the fly or from a store); resumable.
+"""Trains a sparse autoencoder on activations (LM on the fly, a store, or .npy files); resumable.
 
     python launch/train_sae.py --config=experiments/sae_paper.py:a1 \
-        --config.lm_dir=runs/lm/paper --config.workdir=runs/sae/a1
+        --config.lm.dir=runs/lm/paper --config.workdir=runs/sae/a1
+
+    # your own activations, no LM (experiments/sae_arrays.py):
+    python launch/train_sae.py --config=experiments/sae_arrays.py \
+        --config.source.paths='acts/*.npy' --config.sae.d_in=768 --config.workdir=runs/sae/mine
 
 Re-running the same command resumes exactly from the latest checkpoint. SIGTERM/SIGINT
 save a checkpoint before exiting; a non-finite loss stops with the last good one intact.
@@ -34,15 +38,15 @@ def main(argv):
         sys.exit(f"train_sae: {e}")
     parallel.initialize_distributed(cfg.distributed)
     from saejax.data.token_store import StoreError
-    from saejax.sae.step import NonFiniteError
+    from saejax.loop import NonFiniteError
     from saejax.train import train
 
     try:
         summary = train(cfg)
     except (ConfigError, StoreError, FileNotFoundError, NonFiniteError) as e:
         parallel.exit_with_error("train_sae", e)
-    summary.pop("params", None)
-    print(json.dumps({k: v for k, v in summary.items() if k != "train"}, indent=1, default=str))
+    shown = {k: v for k, v in summary.items() if k not in ("train", "bundle", "train_density")}
+    print(json.dumps(shown, indent=1, default=str))
     if summary["interrupted"]:
         print(f"train_sae: interrupted by {summary['interrupted']} at step {summary['step']}; "
               f"checkpoint saved; re-run the same command to resume", file=sys.stderr)

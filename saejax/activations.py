@@ -1,31 +1,51 @@
-"""LM -> activations: the jitted producer, the device shuffle buffer, harvest to a store.
+"""Activation sources: every way an SAE run gets its [B, D] batches, behind one interface.
 
-On the fly, the producer runs the LM over token batches and returns one activation row per
-token. Rows of one context are strongly correlated, so they go through a
-:class:`ShuffleBuffer` that lives on the devices (sharded over "data"), mixes many contexts
-and serves each row exactly once (sampling without replacement). ``harvest`` instead writes
-the producer's rows to an activation store.
+:class:`ActivationSource` is what the training loop sees. A source supplies
 
-Legend: B token batch (contexts), T sequence, D activation width, S data-parallel shards,
-N buffer rows per shard, b SAE batch rows per shard.
+* batches (global ``jax.Array`` [B, D] sharded over "batch", in input units) through
+  ``next(device_state)``, where ``device_state`` is the part of its position that lives on
+  the devices (the shuffle buffer) and is checkpointed with the SAE state;
+* the normalisation statistics (:class:`saejax.normalize.ActivationStats`) and the first
+  rows for the geometric-median initialisation, from a fixed, reproducible sample;
+* samples for the dead-feature strategy, from a second stream (its own seed), so drawing
+  them never disturbs the training stream;
+* its host position (``get_state`` / ``set_state``, JSON, checkpointed) and its identity
+  (for the run record).
+
+Sources:
+
+* :class:`OnTheFlySource` (``source.kind="lm"``): the LM (:func:`lm_producer`) run over
+  its token store, rows mixed by the device :class:`~saejax.buffer.ShuffleBuffer`. The
+  buffer's refill counter is mirrored on the host, so serving a batch never waits for the
+  device;
+* :class:`StoreSource` (``"store"``): a harvested activation store, windowed chunk shuffle,
+  every chunk verified when read;
+* ``"arrays"``: .npy files (or arrays in memory) written once into an activation store by
+  :func:`write_array_store`, then a :class:`StoreSource`.
+
+Legend: B batch rows, T sequence, D activation width, S sample rows.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import glob
 import os
-import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
+from saejax.buffer import ShuffleBuffer
 from saejax.config import ConfigError
+from saejax.data.loader import ActivationLoader, LoaderConfig, TokenLoader
+from saejax.normalize import ActivationStats
 
 Producer = Callable[[Int[Array, "B T"]], Float[Array, "BT D"]]
 
@@ -83,259 +103,307 @@ def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh) -> LMSour
     return LMSource(graphdef, params, meta, site, store, context, produce, int(d))
 
 
-class BufferState(NamedTuple):
-    """Checkpointable buffer state: the rows and how far serving has got."""
-
-    rows: Float[Array, "S N D"]
-    served: Int[Array, ""]   # batches served since the last refill
-    refills: Int[Array, ""]  # refills so far (seeds the permutations)
 
 
-class ShuffleBuffer:
-    """A device-resident shuffle buffer of activation rows, sharded over "data".
+# ---------------------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------------------
 
-    Each data shard holds ``N = capacity / S`` rows. After every refill the rows of each
-    shard are permuted; batches are then cut, in order, from the first half of the shard
-    (``b`` rows per shard per batch, so no data crosses devices). When that half has been
-    served it is overwritten with fresh rows and the whole shard is permuted again. Every
-    produced row is therefore served exactly once (without replacement), and a row stays in
-    the buffer for a geometric number of refills, so a batch mixes tokens from about
-    ``capacity / T`` contexts.
+
+class ActivationSource(Protocol):
+    """What the SAE training loop needs from a stream of activations (see module docstring)."""
+
+    width: int
+
+    def identity(self) -> dict: ...
+    def statistics(self) -> ActivationStats: ...
+    def init_sample(self, n: int) -> Float[np.ndarray, "S D"]: ...
+    def init_device_state(self) -> Any: ...
+    def abstract_device_state(self) -> Any: ...
+    def next(self, device_state: Any) -> tuple[Any, Float[Array, "B D"]]: ...
+    def resample_sample(self, n: int) -> Float[Array, "S D"]: ...
+    def get_state(self) -> dict: ...
+    def set_state(self, state: dict) -> None: ...
+
+
+def _draw(stream, n: int) -> Float[Array, "S D"]:
+    """The first n rows of as many batches of ``stream`` as needed, as float32."""
+    parts, have = [], 0
+    while have < n:
+        parts.append(stream())
+        have += parts[-1].shape[0]
+    return jnp.concatenate(parts)[:n].astype(jnp.float32)
+
+
+class OnTheFlySource:
+    """LM activations through a device shuffle buffer (``source.kind="lm"``).
 
     Args:
+      lm: the restored LM and its producer (:func:`restore_lm_source`).
       mesh: the device mesh.
-      capacity: rows in the buffer (all shards); a multiple of 2 * batch_size.
-      d: activation width.
-      batch_size: global SAE batch (rows).
-      seed: permutation seed.
+      batch_size: SAE batch rows (global).
+      lm_batch_size: contexts per producer call.
+      buffer_rows: shuffle-buffer capacity.
+      norm_sample_contexts: contexts of the statistics sample (the first train contexts).
+      seed: token-stream and buffer seed (resampling samples use seed + 1).
+      shuffle / window_chunks / prefetch: token loader settings.
     """
 
-    def __init__(self, mesh: jax.sharding.Mesh, capacity: int, d: int, batch_size: int,
-                 seed: int = 0):
-        s = parallel.data_parallel_size(mesh)
-        if batch_size % s:
-            raise ConfigError(f"buffer batch size {batch_size} is not divisible by the "
-                              f"{s} data-parallel shards")
-        if capacity % (2 * batch_size):
-            raise ConfigError(f"config field 'buffer_rows' = {capacity} is invalid: must be a "
-                              f"multiple of 2 x batch size ({2 * batch_size})")
-        self.mesh, self.d, self.seed = mesh, d, seed
-        self.shards = s
-        self.rows_per_shard = capacity // s
-        self.half = self.rows_per_shard // 2
-        self.b = batch_size // s
-        self.batches_per_refill = self.half // self.b
-        self.refill_rows = capacity // 2
-        self._sharding = parallel.named_sharding(mesh, ("batch", None, None))
-        rep = parallel.replicated(mesh)
-        self._state_shardings = BufferState(self._sharding, rep, rep)
-        batch_sharding = parallel.named_sharding(mesh, ("batch", None))
-        spec = parallel.logical_to_spec(("batch", None, None))
-        key_spec = parallel.logical_to_spec(("batch",))
+    def __init__(self, lm: LMSource, mesh: jax.sharding.Mesh, *, batch_size: int,
+                 lm_batch_size: int, buffer_rows: int, norm_sample_contexts: int, seed: int,
+                 shuffle: bool = True, window_chunks: int = 4, prefetch: int = 2):
+        self.lm, self.mesh, self.width = lm, mesh, lm.width
+        loader = LoaderConfig(batch_size=lm_batch_size, seed=seed, shuffle=shuffle,
+                              num_epochs=None, window_chunks=window_chunks, prefetch=prefetch)
+        self.tokens = TokenLoader(lm.store, "train", loader, mesh)
+        self.sample_tokens = TokenLoader(lm.store, "train",
+                                         dataclasses.replace(loader, seed=seed + 1), mesh)
+        self.buffer = ShuffleBuffer(mesh, buffer_rows, lm.width, batch_size, seed=seed)
+        self._n_contexts, self._lm_batch = norm_sample_contexts, lm_batch_size
+        self._served: int | None = None  # host mirror of the buffer's served counter
+        self._sample: np.ndarray | None = None
 
-        def permute(rows, keys):
-            def local(r, k):  # one data shard: rows [1, N, D], keys [1]
-                return jnp.take(r[0], jax.random.permutation(k[0], r.shape[1]), axis=0)[None]
-            return jax.shard_map(local, mesh=mesh, in_specs=(spec, key_spec),
-                                 out_specs=spec)(rows, keys)
+    def identity(self) -> dict:
+        return {"kind": "lm", "token_store": self.lm.store.directory,
+                "fingerprint": self.lm.store.metadata.get("fingerprint")}
 
-        def write(state: BufferState, new, offset):
-            new = new.reshape(s, -1, d).astype(state.rows.dtype)  # shard-local reshape
-            rows = jax.lax.dynamic_update_slice_in_dim(state.rows, new, offset, axis=1)
-            return state._replace(rows=rows)
+    def _rows(self) -> Float[Array, "R D"]:
+        return self.lm.produce(next(self.tokens))
 
-        def refill(state: BufferState, new):
-            state = write(state, new, 0)
-            key = jax.random.fold_in(jax.random.key(seed), state.refills)
-            rows = permute(state.rows, jax.random.split(key, s))
-            return BufferState(rows, jnp.zeros((), jnp.int32), state.refills + 1)
+    def _statistics_sample(self) -> np.ndarray:
+        """Activations of the first train contexts (a fixed set), the same on every process."""
+        if self._sample is None:
+            store, batch = self.lm.store, self._lm_batch
+            n = max(batch, self._n_contexts // batch * batch)
+            n = min(n, store.rows("train") // batch * batch)
+            lo, hi = parallel.process_rows(self.mesh, batch)  # this process's rows of a batch
+            rows = []
+            for a in range(0, n, batch):
+                tokens = parallel.host_to_global(store.read("train", a + lo, a + hi), self.mesh,
+                                                 ("batch", None))
+                rows.append(np.asarray(multihost_utils.process_allgather(
+                    self.lm.produce(tokens), tiled=True)))
+            self._sample = np.concatenate(rows).astype(np.float32)
+        return self._sample
 
-        def take(state: BufferState):
-            start = state.served * self.b
-            batch = jax.lax.dynamic_slice_in_dim(state.rows, start, self.b, axis=1)
-            batch = jax.lax.with_sharding_constraint(batch.reshape(-1, d), batch_sharding)
-            return state._replace(served=state.served + 1), batch
+    def statistics(self) -> ActivationStats:
+        return ActivationStats.from_rows(self._statistics_sample())
 
-        sh = self._state_shardings
-        self._write = jax.jit(write, out_shardings=sh, donate_argnums=0)
-        self._refill = jax.jit(refill, out_shardings=sh, donate_argnums=0)
-        self._take = jax.jit(take, out_shardings=(sh, batch_sharding), donate_argnums=0)
+    def init_sample(self, n: int) -> Float[np.ndarray, "S D"]:
+        return self._statistics_sample()[:n]
 
-    def empty(self, dtype=jnp.float32) -> BufferState:
-        rows = jax.jit(lambda: jnp.zeros((self.shards, self.rows_per_shard, self.d), dtype),
-                       out_shardings=self._sharding)()
-        # Start "fully served" so the first take triggers a refill of the first half.
-        return BufferState(rows, jnp.asarray(self.batches_per_refill, jnp.int32),
-                           jnp.zeros((), jnp.int32))
+    def init_device_state(self):
+        self._served = None
+        return {"buffer": self.buffer.fill(self.buffer.empty(), self._rows)}
 
-    def abstract_state(self, dtype=jnp.float32) -> BufferState:
-        """ShapeDtypeStructs with shardings, for restoring a checkpointed buffer."""
-        rows = jax.ShapeDtypeStruct((self.shards, self.rows_per_shard, self.d), dtype,
-                                    sharding=self._sharding)
-        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(self.mesh))
-        return BufferState(rows, scalar, scalar)
+    def abstract_device_state(self):
+        return {"buffer": self.buffer.abstract_state()}
 
-    def _collect(self, produce_rows: Callable[[], Float[Array, "R D"]]) -> Float[Array, "M D"]:
-        """Enough fresh rows for half a buffer, from repeated producer calls."""
-        parts, n = [], 0
-        while n < self.refill_rows:
-            rows = produce_rows()
-            if rows.shape[-1] != self.d:
-                raise ValueError(f"producer returned width {rows.shape[-1]}, buffer expects {self.d}")
-            parts.append(rows)
-            n += rows.shape[0]
-        if n != self.refill_rows:
-            raise ConfigError(f"producer rows per call ({parts[0].shape[0]}) must divide half "
-                              f"the buffer ({self.refill_rows} rows)")
-        # Concatenate shard by shard so every shard gets its own rows (no cross-device move).
-        parts = [p.reshape(self.shards, -1, self.d) for p in parts]
-        return jnp.concatenate(parts, axis=1).reshape(-1, self.d)
+    def next(self, dev):
+        buf = dev["buffer"]
+        if self._served is None:  # once, after initialisation or a restore
+            self._served = int(buf.served)
+        if self.buffer.needs_refill(self._served):
+            buf, self._served = self.buffer.refill(buf, self._rows), 0
+        buf, batch = self.buffer.take(buf)
+        self._served += 1
+        return {"buffer": buf}, batch
 
-    def fill(self, state: BufferState, produce_rows: Callable[[], Float[Array, "R D"]]
-             ) -> BufferState:
-        """Warm-up: fills the second half (the first is filled by the first refill)."""
-        return self._write(state, self._collect(produce_rows), self.half)
+    def resample_sample(self, n: int) -> Float[Array, "S D"]:
+        return _draw(lambda: self.lm.produce(next(self.sample_tokens)), n)
 
-    def next_batch(self, state: BufferState, produce_rows: Callable[[], Float[Array, "R D"]]
-                   ) -> tuple[BufferState, Float[Array, "B D"]]:
-        """The next batch [batch_size, D] sharded over "batch"; refills when half drained.
+    def get_state(self) -> dict:
+        return {"tokens": self.tokens.get_state(), "sample": self.sample_tokens.get_state()}
 
-        ``produce_rows`` is called only on refills (``batches_per_refill`` batches apart).
-        """
-        if int(state.served) >= self.batches_per_refill:
-            state = self._refill(state, self._collect(produce_rows))
-        return self._take(state)
+    def set_state(self, state: dict) -> None:
+        self.tokens.set_state(state["tokens"])
+        self.sample_tokens.set_state(state["sample"])
+        self._served = None
+
+
+class StoreSource:
+    """Batches from an activation store (``source.kind`` "store" or "arrays").
+
+    Args:
+      store: an ``ActivationStore`` or its directory.
+      mesh: the device mesh.
+      batch_size: SAE batch rows (global).
+      seed: shuffle seed (resampling samples use seed + 1).
+      shuffle / window_chunks / prefetch: loader settings.
+      kind: the source kind recorded in the identity.
+    """
+
+    def __init__(self, store, mesh: jax.sharding.Mesh, *, batch_size: int, seed: int,
+                 shuffle: bool = True, window_chunks: int = 4, prefetch: int = 2,
+                 kind: str = "store"):
+        loader = LoaderConfig(batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=None,
+                              window_chunks=window_chunks, prefetch=prefetch)
+        self.acts = ActivationLoader(store, loader, mesh)
+        self.store = self.acts.store
+        self.samples = ActivationLoader(self.store, dataclasses.replace(loader, seed=seed + 1),
+                                        mesh)
+        self.width, self.kind = self.store.d, kind
+
+    def identity(self) -> dict:
+        plan = self.store.metadata["plan"]
+        return {"kind": self.kind, "store": os.path.abspath(self.store.directory),
+                "rows": self.store.rows, "fingerprint": self.store.fingerprint,
+                "site": plan.get("site"), "lm": plan.get("lm")}
+
+    def statistics(self) -> ActivationStats:
+        return self.store.statistics()
+
+    def init_sample(self, n: int) -> Float[np.ndarray, "S D"]:
+        """The first n rows of the store, in file order (whole chunks read)."""
+        chunks = -(-min(n, self.store.rows) // self.store.chunk_rows)
+        return np.concatenate([np.asarray(self.store.read_chunk(i), np.float32)
+                               for i in range(chunks)])[:n]
+
+    def init_device_state(self):
+        return {}
+
+    def abstract_device_state(self):
+        return {}
+
+    def next(self, dev):
+        return dev, next(self.acts)
+
+    def resample_sample(self, n: int) -> Float[Array, "S D"]:
+        return _draw(lambda: next(self.samples), n)
+
+    def get_state(self) -> dict:
+        return {"acts": self.acts.get_state(), "sample": self.samples.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.acts.set_state(state["acts"])
+        self.samples.set_state(state["sample"])
 
 
 # ---------------------------------------------------------------------------------------
-# Harvest to an activation store
+# Bring your own activations: arrays -> an activation store
 # ---------------------------------------------------------------------------------------
 
 
-def harvest_chunk_rows(seq_len: int, contexts_per_step: int, sae_batch: int, d: int,
-                       dtype: str, chunk_mb: float = 16.0) -> int:
-    """Chunk rows: ~chunk_mb MB, a multiple of both the SAE batch and one harvest step."""
-    from saejax.data.activation_store import DTYPES
+def expand_paths(spec: str) -> list[str]:
+    """Files named by a path, a glob, or several separated by commas (each glob sorted).
 
-    step_rows = seq_len * contexts_per_step
-    unit = step_rows * sae_batch // math.gcd(step_rows, sae_batch)
-    target = int(chunk_mb * 2**20) // (d * DTYPES[dtype].itemsize)
-    return max(unit, target // unit * unit)
+    Raises:
+      FileNotFoundError: a part matches no file.
+    """
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        found = sorted(glob.glob(os.path.expanduser(part)))
+        if not found:
+            raise FileNotFoundError(f"no .npy file matches {part!r}")
+        out += found
+    if not out:
+        raise FileNotFoundError(f"no .npy files named by {spec!r}")
+    return out
 
 
-def harvest(writer, produce: Producer, read_tokens: Callable[[int, int], np.ndarray],
-            mesh: jax.sharding.Mesh, *, contexts_per_step: int, seq_len: int, seed: int = 0,
-            log_every_s: float = 10.0) -> dict:
-    """Runs the producer over this process's contexts and writes its chunks, resumably.
+def _open_arrays(arrays) -> tuple[list[np.ndarray], list[dict]]:
+    """(arrays, descriptions): .npy files memory-mapped, in-memory arrays as they are."""
+    if isinstance(arrays, str):
+        arrays = expand_paths(arrays)
+    if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
+        arrays = [arrays]
+    out, desc = [], []
+    for i, a in enumerate(arrays):
+        if isinstance(a, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(a))
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read activations from {path!r} as a .npy array: "
+                                  f"{e}") from None
+            st = os.stat(path)
+            desc.append({"path": path, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                         "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+        else:
+            arr = np.asarray(a)
+            desc.append({"array": i, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                         "crc32": _crc_of(arr)})
+        if arr.ndim != 2 or not arr.shape[0] or not arr.shape[1]:
+            raise ConfigError(f"activations {desc[-1].get('path', f'array {i}')} have shape "
+                              f"{arr.shape}: expected rows [N, D] with N, D > 0")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ConfigError(f"activations {desc[-1].get('path', f'array {i}')} have dtype "
+                              f"{arr.dtype}: expected floating-point rows")
+        out.append(arr)
+    widths = {a.shape[1] for a in out}
+    if len(widths) != 1:
+        raise ConfigError(f"the activation arrays have different widths {sorted(widths)}")
+    return out, desc
 
-    Process p owns chunks ``writer.my_chunks()``; chunk c holds the activations of the
-    contexts [c * k, (c + 1) * k) of the token range (k = chunk_rows / T), rows permuted
-    within the chunk (seeded by ``seed`` and c) so a chunk is not context-ordered. All
-    processes restart at ``writer.resume_position()`` and advance in lock step (the
-    producer is a collective jitted call).
+
+def _crc_of(arr: np.ndarray) -> int:
+    import zlib
+
+    return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8))
+
+
+def _rows(arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the arrays laid end to end."""
+    parts, offset = [], 0
+    for a in arrays:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(a))
+        if lo < hi:
+            parts.append(np.asarray(a[lo:hi], np.float32))
+        offset += len(a)
+    return np.concatenate(parts)
+
+
+def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "float32",
+                      chunk_mb: float = 16.0, site: str | None = None,
+                      overwrite: bool = False):
+    """Writes activations (arrays or .npy files, rows [N, D]) into an activation store.
+
+    Rows are kept in order; chunks hold a multiple of ``batch_size`` rows, so the last
+    ``N mod chunk_rows`` rows are dropped (logged, and recorded in the store's plan). A
+    complete store with the same plan (same files, sizes and times, or the same array
+    contents) is reused; a half-written one resumes; a different one is refused unless
+    ``overwrite``.
 
     Args:
-      writer: an ``ActivationStoreWriter``.
-      produce: tokens [B, T] (global) -> activations [B * T, D] (global, sharded by row).
-      read_tokens: reads contexts [a, b) of the token range as int32 [b - a, T].
-      mesh: the mesh the producer runs on.
-      contexts_per_step: global contexts per producer call.
-      seq_len: tokens per context.
+      arrays: a numpy array, a list of them, or .npy paths / globs (a str may list several,
+        separated by commas).
+      out_dir: the store directory.
+      batch_size: the SAE batch it will feed.
+      dtype: "float32" or "bfloat16" on disk.
+      chunk_mb: target chunk size.
+      site: the site label the activations come from (None: unknown).
 
     Returns:
-      A summary: chunks written, rows, seconds, rows/s.
+      The opened :class:`~saejax.data.activation_store.ActivationStore`.
+
+    Raises:
+      ConfigError: arrays of the wrong shape or dtype, or fewer rows than one batch.
     """
-    procs = writer.process_count
-    local_ctx = contexts_per_step // procs
-    lo, hi = parallel.process_rows(mesh, contexts_per_step)
-    if hi - lo != local_ctx:
-        raise ConfigError(
-            f"harvest needs every process to hold its own rows of the batch, but on mesh "
-            f"{dict(mesh.shape)} process {writer.process_index} of {procs} holds {hi - lo} of "
-            f"{contexts_per_step}: keep the 'model' axis within one process (e.g. "
-            f"mesh.model <= local devices)")
-    ctx_per_chunk = writer.chunk_rows // seq_len
-    if writer.chunk_rows % (seq_len * local_ctx):
-        raise ConfigError(f"chunk rows {writer.chunk_rows} must be a multiple of the rows one "
-                          f"process produces per step ({seq_len * local_ctx})")
-    steps_per_chunk = ctx_per_chunk // local_ctx
-    start = writer.resume_position()
-    mine = writer.my_chunks()
-    if start:
-        logging.info("harvest: resuming at chunk %d of %d per process", start, len(mine))
-    t0, last, rows_done = time.perf_counter(), time.perf_counter(), 0
-    for k in range(start, len(mine)):
-        chunk = mine[k]
-        parts = []
-        for s in range(steps_per_chunk):
-            a = chunk * ctx_per_chunk + s * local_ctx
-            tokens = parallel.host_to_global(read_tokens(a, a + local_ctx), mesh, ("batch", None))
-            parts.append(parallel.global_to_local(produce(tokens)))
-        block = np.concatenate(parts)
-        block = block[np.random.default_rng([seed, chunk]).permutation(len(block))]
-        if chunk not in writer.committed():
-            writer.write_chunk(chunk, block)
-        rows_done += len(block)
-        if time.perf_counter() - last > log_every_s:
-            last = time.perf_counter()
-            rate = rows_done / (last - t0)
-            left = (len(mine) - k - 1) * writer.chunk_rows / max(rate, 1e-9)
-            logging.info("harvest: chunk %d/%d, %.0f rows/s, ETA %.0f s", k + 1, len(mine),
-                         rate, left)
-    dt = time.perf_counter() - t0
-    return {"chunks": len(mine) - start, "rows": rows_done, "seconds": dt,
-            "rows_per_s": rows_done / dt if dt else float("nan")}
+    from saejax.data.activation_store import (ActivationStore, ActivationStoreWriter,
+                                              chunk_rows_for)
 
-
-
-def run_harvest(cfg) -> dict:
-    """``launch/harvest.py``: restore the LM, run it over a token range, write the store.
-
-    Args:
-      cfg: a ``saejax.train_config.HarvestConfig``.
-
-    Returns:
-      The completed store's metadata (on process 0) plus a summary of this run.
-    """
-    from saejax.data.activation_store import ActivationStoreWriter
-
-    mesh = parallel.make_mesh(cfg.mesh)
-    src = restore_lm_source(cfg.lm_dir, cfg.site, mesh)
-    store, context, produce, d, site, meta = (src.store, src.context, src.produce, src.width,
-                                              src.site, src.meta)
-    procs = jax.process_count()
-    available = store.rows(cfg.split) - cfg.start_context
-    n_ctx = cfg.num_contexts or available
-    if n_ctx > available:
-        raise ConfigError(f"config field 'num_contexts' = {cfg.num_contexts} is invalid: only "
-                          f"{available} contexts of split {cfg.split!r} remain after "
-                          f"start_context={cfg.start_context}")
-    # From the global step (not the per-process one), so the store's layout - and the
-    # SAE's data order - does not depend on the process count.
-    chunk_rows = harvest_chunk_rows(context, cfg.lm_batch_size, cfg.sae_batch_size, d,
-                                    cfg.dtype, cfg.chunk_mb)
-    unit = chunk_rows * procs
-    rows = n_ctx * context // unit * unit
-    if rows == 0:
-        raise ConfigError(f"{n_ctx} contexts give {n_ctx * context} rows, fewer than one chunk "
-                          f"per process ({unit} rows); harvest more contexts or lower chunk_mb")
-    n_used = rows // context
-    plan = {"rows": rows, "d": int(d), "dtype": cfg.dtype, "chunk_rows": chunk_rows,
-            "site": site, "lm": {"dir": os.path.abspath(cfg.lm_dir), "step": meta.get("step"),
-                                 "store": store.metadata["fingerprint"]},
-            "tokens": {"store_dir": meta["store_dir"], "split": cfg.split,
-                       "contexts": [cfg.start_context, cfg.start_context + n_used],
-                       "positions": context},
-            "seed": cfg.seed}
-    writer = ActivationStoreWriter(cfg.out_dir, plan, process_index=jax.process_index(),
-                                   process_count=procs, overwrite=cfg.overwrite)
-    a0 = cfg.start_context
-
-    def read(a, b):
-        return store.read(cfg.split, a0 + a, a0 + b)
-
-    summary = harvest(writer, produce, read, mesh, contexts_per_step=cfg.lm_batch_size,
-                      seq_len=context, seed=cfg.seed)
-    out = writer.finalize()
-    logging.info("harvest: %s", summary)
-    return {**out, "summary": summary}
+    if jax.process_count() > 1:
+        raise ConfigError("source.kind='arrays' writes its store from one process; in a "
+                          "multi-process run write it first (saejax.activations."
+                          "write_array_store) and train with source.kind='store'")
+    mats, desc = _open_arrays(arrays)
+    n, d = sum(len(a) for a in mats), mats[0].shape[1]
+    chunk_rows = min(chunk_rows_for(d, dtype, batch_size, chunk_mb), n // batch_size * batch_size)
+    if chunk_rows == 0:
+        raise ConfigError(f"the activations hold {n} rows, fewer than one batch "
+                          f"(batch_size {batch_size})")
+    rows = n // chunk_rows * chunk_rows
+    if rows < n:
+        logging.warning("activation store %s: dropping the last %d of %d rows (chunks of %d "
+                        "rows, a multiple of the batch)", out_dir, n - rows, n, chunk_rows)
+    plan = {"rows": rows, "d": d, "dtype": dtype, "chunk_rows": chunk_rows, "site": site,
+            "source": {"kind": "arrays", "inputs": desc, "dropped_rows": n - rows}}
+    writer = ActivationStoreWriter(out_dir, plan, overwrite=overwrite)
+    done = writer.committed()
+    for c in range(writer.n_chunks):
+        if c not in done:
+            writer.write_chunk(c, _rows(mats, c * chunk_rows, (c + 1) * chunk_rows))
+    writer.finalize()
+    return ActivationStore.open(out_dir)

@@ -148,7 +148,8 @@ def replace(obj: T, **changes: Any) -> T:
 
 
 # --------------------------------------------------------------------------------------
-# Configs owned by the foundation (mesh, tokenizer, corpus, loader).
+# Configs owned by the foundation (mesh, multi-host). The tokenizer, corpus and loader
+# configs live beside their code in saejax.data.
 # --------------------------------------------------------------------------------------
 
 
@@ -195,90 +196,3 @@ class DistributedConfig:
                 check("distributed.process_id", self.process_id,
                       self.process_id < self.num_processes,
                       f"must be < distributed.num_processes ({self.num_processes})")
-
-
-TokenizerKind = Literal["byte", "bpe", "file"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-    """Which tokenizer turns text into ids.
-
-    kind: "byte" (256 byte ids + end-of-text, no files), "bpe" (trained on the corpus with
-      HF ``tokenizers``, saved next to the token store) or "file" (a user's tokenizer.json).
-    """
-
-    kind: TokenizerKind = "bpe"
-    vocab_size: int = 4096
-    path: str | None = None
-    eot_token: str = "<|endoftext|>"
-
-    def __post_init__(self):
-        check_choice("tokenizer.kind", self.kind, get_args(TokenizerKind))
-        if self.kind == "bpe":
-            check("tokenizer.vocab_size", self.vocab_size, 258 <= self.vocab_size <= 1 << 20,
-                  "must be in [258, 1048576] for a BPE tokenizer (256 bytes + end-of-text + merges)")
-        if self.kind == "file":
-            check("tokenizer.path", self.path, bool(self.path),
-                  "must name a tokenizer.json when tokenizer.kind='file'")
-
-
-CorpusSource = Literal["stdlib", "text", "jsonl"]
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusConfig:
-    """Corpus -> token store.
-
-    source: "stdlib" (the running Python's standard library source, the embedded default),
-      "text" (a directory, searched recursively, or a glob of text files) or "jsonl"
-      (a file or glob of JSON-lines files with a text field).
-    """
-
-    source: CorpusSource = "stdlib"
-    path: str | None = None
-    text_field: str = "text"
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    seed: int = 0
-    out_dir: str = "runs/corpus/stdlib"
-    chunk_mb: float = 16.0
-    overwrite: bool = False
-
-    def __post_init__(self):
-        check_choice("corpus.source", self.source, get_args(CorpusSource))
-        if self.source in ("text", "jsonl"):
-            check("corpus.path", self.path, bool(self.path),
-                  f"must name a directory, file or glob when corpus.source={self.source!r}")
-        check("corpus.seq_len", self.seq_len, isinstance(self.seq_len, int) and self.seq_len >= 2,
-              "must be an integer >= 2 (tokens per context)")
-        check_fraction("corpus.val_fraction", self.val_fraction)
-        check_positive("corpus.chunk_mb", self.chunk_mb)
-        check("corpus.out_dir", self.out_dir, bool(self.out_dir), "must be a non-empty path")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderConfig:
-    """Token-store loader. ``batch_size`` is global (all processes together)."""
-
-    batch_size: int = 64
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = None
-    window_chunks: int = 4
-    prefetch: int = 2
-
-    def __post_init__(self):
-        check_positive("loader.batch_size", self.batch_size)
-        if self.num_epochs is not None:
-            check_positive("loader.num_epochs", self.num_epochs)
-        check_positive("loader.window_chunks", self.window_chunks)
-        check_nonnegative("loader.prefetch", self.prefetch)
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusJobConfig:
-    """``launch/build_corpus.py``: everything needed to build a token store."""
-
-    corpus: CorpusConfig = CorpusConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()

@@ -11,6 +11,11 @@ so the MLP contributes only its output bias), which makes "reconstruction = 0" s
 exactly 0% and "reconstruction = input" exactly 100%. KL divergences are those of the
 clean next-token distribution to the spliced / ablated ones, per token.
 
+Without an LM (a dictionary trained on activations alone), :func:`make_activation_eval_step`
+computes what needs none from held-out activation rows: MSE, explained variance, L0 and
+per-feature firing (dead / dense counts, density histogram). Both steps return sums that
+:func:`summarize` turns into the same metric names.
+
 Legend: B batch (contexts), T sequence, D site width, F features, V vocabulary.
 """
 
@@ -79,37 +84,61 @@ def make_eval_step(graphdef, site: str, splice: Splice, context_len: int | None 
             nll, logp = _token_losses(logits, tokens)
             out[f"loss_{name}"] = nll.sum()
             out[f"kl_{name}"] = _kl(logp_clean, logp).sum()
-        x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
-        err = x_hat.reshape(x.shape).astype(jnp.float32) - x
-        f = f.reshape(x.shape[0], -1)
-        fired = f > 0
-        out.update(
-            n_rows=jnp.float32(x.shape[0]), sq_err=jnp.sum(err * err), sum_x=jnp.sum(x, axis=0),
-            sum_sq_x=jnp.sum(x * x), l0=jnp.sum(fired.astype(jnp.float32)),
-            firing=jnp.sum(fired.astype(jnp.int32), axis=0))
+        out.update(_reconstruction_sums(acts, x_hat, f))
         return out
 
     return step
 
 
+def _reconstruction_sums(acts, x_hat, f) -> dict[str, Array]:
+    x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
+    err = x_hat.reshape(x.shape).astype(jnp.float32) - x
+    fired = f.reshape(x.shape[0], -1) > 0
+    return {"n_rows": jnp.float32(x.shape[0]), "sq_err": jnp.sum(err * err),
+            "sum_x": jnp.sum(x, axis=0), "sum_sq_x": jnp.sum(x * x),
+            "l0": jnp.sum(fired.astype(jnp.float32)),
+            "firing": jnp.sum(fired.astype(jnp.int32), axis=0)}
+
+
+def make_activation_eval_step(splice: Splice):
+    """A jitted ``(splice_params, acts [B, D]) -> sums`` for evaluation without an LM.
+
+    The sums are :func:`make_eval_step`'s reconstruction terms (squared error, variance
+    terms, L0, per-feature firing); :func:`summarize` reports MSE, explained variance, L0
+    and dead / dense features from them.
+    """
+    @jax.jit
+    def step(splice_params, acts):
+        x_hat, f = splice(splice_params, acts)
+        return _reconstruction_sums(acts, x_hat, f)
+
+    return step
+
+
 def summarize(sums: dict[str, np.ndarray], dense_threshold: float = 0.01) -> dict[str, Any]:
-    """Turns accumulated sums into the reported metrics."""
-    n_tok, n = float(sums["n_tokens"]), float(sums["n_rows"])
-    loss = {k: float(sums[f"loss_{k}"]) / n_tok for k in ("clean", "sae", "zero", "mean")}
+    """Turns accumulated sums into the reported metrics (the LM's only when it ran)."""
+    n = float(sums["n_rows"])
     total_var = float(sums["sum_sq_x"]) - float(np.sum(np.square(sums["sum_x"]))) / n
     density = np.asarray(sums["firing"], np.float64) / n
+    out: dict[str, Any] = {}
+    if "n_tokens" in sums:
+        n_tok = float(sums["n_tokens"])
+        loss = {k: float(sums[f"loss_{k}"]) / n_tok for k in ("clean", "sae", "zero", "mean")}
 
-    def recovered(ablated: float) -> float:
-        gap = ablated - loss["clean"]
-        return (ablated - loss["sae"]) / gap if gap != 0 else float("nan")
+        def recovered(ablated: float) -> float:
+            gap = ablated - loss["clean"]
+            return (ablated - loss["sae"]) / gap if gap != 0 else float("nan")
 
+        out.update({
+            "loss_clean": loss["clean"], "loss_sae": loss["sae"],
+            "loss_zero_ablated": loss["zero"], "loss_mean_ablated": loss["mean"],
+            "frac_loss_recovered": recovered(loss["zero"]),
+            "frac_loss_recovered_mean_ablation": recovered(loss["mean"]),
+            "kl_sae": float(sums["kl_sae"]) / n_tok,
+            "kl_zero_ablated": float(sums["kl_zero"]) / n_tok,
+            "kl_mean_ablated": float(sums["kl_mean"]) / n_tok})
     return {
-        "loss_clean": loss["clean"], "loss_sae": loss["sae"], "loss_zero_ablated": loss["zero"],
-        "loss_mean_ablated": loss["mean"],
-        "frac_loss_recovered": recovered(loss["zero"]),
-        "frac_loss_recovered_mean_ablation": recovered(loss["mean"]),
-        "kl_sae": float(sums["kl_sae"]) / n_tok, "kl_zero_ablated": float(sums["kl_zero"]) / n_tok,
-        "kl_mean_ablated": float(sums["kl_mean"]) / n_tok,
+        **out,
         "explained_variance": 1.0 - float(sums["sq_err"]) / total_var if total_var > 0 else float("nan"),
         "mse": float(sums["sq_err"]) / (n * len(sums["sum_x"])),
         "l0": float(sums["l0"]) / n,
@@ -120,16 +149,25 @@ def summarize(sums: dict[str, np.ndarray], dense_threshold: float = 0.01) -> dic
     }
 
 
+def _accumulate(outs: Iterable[dict[str, Array]], dense_threshold: float) -> dict[str, Any]:
+    total = None
+    for out in outs:
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    if total is None:
+        raise ValueError("evaluation got no batches")
+    return summarize(parallel.to_host(total), dense_threshold)
+
+
 def evaluate(step, lm_params, splice_params, mean, batches: Iterable[Int[Array, "B T"]],
              dense_threshold: float = 0.01) -> dict[str, Any]:
     """Runs ``step`` over token batches and summarises (see :func:`summarize`)."""
-    total = None
-    for tokens in batches:
-        out = step(lm_params, splice_params, mean, tokens)
-        total = out if total is None else jax.tree.map(jnp.add, total, out)
-    if total is None:
-        raise ValueError("evaluation got no token batches")
-    return summarize(parallel.to_host(total), dense_threshold)
+    return _accumulate((step(lm_params, splice_params, mean, t) for t in batches), dense_threshold)
+
+
+def evaluate_activations(step, splice_params, batches: Iterable[Float[Array, "B D"]],
+                         dense_threshold: float = 0.01) -> dict[str, Any]:
+    """Runs a :func:`make_activation_eval_step` over activation batches and summarises."""
+    return _accumulate((step(splice_params, x) for x in batches), dense_threshold)
 
 
 def density_histogram(density: np.ndarray, floor: float = 1e-10, bins: int = 50

@@ -109,6 +109,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def optimizer_shardings(optimizer, abstract_params, param_shardings, mesh: Mesh):
+    """Shardings of ``optimizer``'s state: each moment like its parameter, the rest replicated.
+
+    ``jax.jit(optimizer.init)`` alone returns replicated moments; derive them from the
+    parameters' shardings instead (one helper for the SAE and the LM).
+
+    Args:
+      optimizer: an ``optax.GradientTransformation``.
+      abstract_params: the parameters (arrays or ShapeDtypeStructs).
+      param_shardings: a matching pytree of shardings.
+      mesh: the mesh (replicated sharding for step counts and other non-moment leaves).
+    """
+    import optax
+
+    abstract = jax.eval_shape(optimizer.init, abstract_params)
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape[DATA]
 

@@ -1,24 +1,24 @@
 """The SAE training loop: the one place activations, the SAE step, checkpoints, metrics and
 evaluation meet.
 
-Per step: the source (LM -> device shuffle buffer, or an activation store) yields a batch
-[B, D]; it is scaled by the run's normalisation constant and fed to the jitted, sharded SAE
-step. Metrics are read on the host one step late (the device never waits); at the
-resampling steps the dead-feature strategy runs on a fresh sample; every ``eval_every``
-steps the dictionary is spliced into the LM on held-out tokens. Checkpoints hold the SAE
-state, the shuffle buffer, the data position of every stream and the metadata (config,
-versions, normalisation), so re-running the same command resumes bit-exactly.
+Per step: the activation source (:mod:`saejax.activations`: the LM through a device
+shuffle buffer, an activation store, or the user's arrays) yields a batch [B, D]; the
+run's normaliser scales it and the jitted, sharded SAE step trains on it. The host side
+(one-step-late metric reads, non-finite stop, windows, checkpoint cadence, signals) is
+:mod:`saejax.loop`, shared with the LM trainer. At the resampling steps the dead-feature
+strategy runs on a fresh sample; every ``eval.every`` steps the dictionary is evaluated
+(spliced into the LM on held-out tokens, or on held-out activations without an LM).
+Checkpoints hold the SAE state, the source's device state (shuffle buffer), the window's
+firing counts, every stream's position and the run record (:mod:`saejax.record`), so
+re-running the same command resumes bit-exactly.
 
 Legend: B batch rows, D input width, F features, S resample sample rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -26,143 +26,117 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
-from jaxtyping import Array, Float
 
 from saejax import evaluate, parallel
-from saejax.activations import ShuffleBuffer, restore_lm_source
-from saejax.checkpoint import Checkpointer, StopSignal, versions
-from saejax.config import ConfigError, to_dict
-from saejax.data.loader import ActivationLoader, TokenLoader
-from saejax.data.token_store import TokenStore
+from saejax.activations import (ActivationSource, LMSource, OnTheFlySource, StoreSource,
+                                restore_lm_source, write_array_store)
+from saejax.checkpoint import Checkpointer, versions
+from saejax.config import ConfigError
+from saejax.data.loader import ActivationLoader, LoaderConfig, TokenLoader
+from saejax.loop import HostMetrics, NonFiniteError, run_steps
 from saejax.metrics import MetricWriter, ProgressBar, is_writer_process
-from saejax.sae import model as sae_model
-from saejax.sae.step import (NonFiniteError, abstract_state, check_finite, init_state,
-                             make_train_step, should_resample)
-from saejax.sae import make_dead_strategy
+from saejax.normalize import Normalizer
+from saejax.record import CHECKPOINTS, LMIdentity, SAERunRecord
+from saejax.sae.bundle import SAEBundle
+from saejax.sae.step import (abstract_state, init_state, make_dead_strategy, make_train_step,
+                             should_resample)
 from saejax.train_config import SAETrainConfig
 
 EVAL_FILE = "eval.json"
 INIT_SAMPLE_ROWS = 16_384  # rows for the geometric-median initialisation of b_dec
+ARRAYS_DIR, ARRAYS_EVAL_DIR = "activations", "activations_eval"
 
 
 # ---------------------------------------------------------------------------------------
-# Sources of activation batches
+# Setup: the source, the record, the evaluation
 # ---------------------------------------------------------------------------------------
 
 
-class OnTheFlySource:
-    """LM activations through a device shuffle buffer; resample samples from a second
-    token stream (its own seed), so drawing them never disturbs the training stream."""
-
-    def __init__(self, cfg: SAETrainConfig, producer, store: TokenStore, mesh, d: int):
-        lm_loader = dataclasses.replace(cfg.loader, batch_size=cfg.lm_batch_size, shuffle=True,
-                                        num_epochs=None)
-        self.tokens = TokenLoader(store, "train", lm_loader, mesh)
-        self.sample_tokens = TokenLoader(
-            store, "train", dataclasses.replace(lm_loader, seed=cfg.loader.seed + 1), mesh)
-        self.producer = producer
-        self.buffer = ShuffleBuffer(mesh, cfg.buffer_rows, d, cfg.batch_size, seed=cfg.loader.seed)
-
-    def _rows(self) -> Float[Array, "R D"]:
-        return self.producer(next(self.tokens))
-
-    def init_device_state(self):
-        return {"buffer": self.buffer.fill(self.buffer.empty(), self._rows)}
-
-    def abstract_device_state(self):
-        return {"buffer": self.buffer.abstract_state()}
-
-    def next(self, dev):
-        buf, batch = self.buffer.next_batch(dev["buffer"], self._rows)
-        return {"buffer": buf}, batch
-
-    def sample(self, n: int) -> Float[Array, "S D"]:
-        parts, have = [], 0
-        while have < n:
-            parts.append(self.producer(next(self.sample_tokens)))
-            have += parts[-1].shape[0]
-        return jnp.concatenate(parts)[:n]
-
-    def get_state(self) -> dict:
-        return {"tokens": self.tokens.get_state(), "sample": self.sample_tokens.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self.tokens.set_state(state["tokens"])
-        self.sample_tokens.set_state(state["sample"])
+def make_source(cfg: SAETrainConfig, mesh, lm: LMSource | None,
+                activations=None) -> ActivationSource:
+    """The configured activation source (arrays are written into a store in the workdir)."""
+    src = cfg.source
+    common = dict(batch_size=cfg.batch_size, seed=src.seed, shuffle=src.shuffle,
+                  window_chunks=src.window_chunks, prefetch=src.prefetch)
+    if src.kind == "lm":
+        return OnTheFlySource(lm, mesh, lm_batch_size=src.lm_batch_size,
+                              buffer_rows=src.buffer_rows,
+                              norm_sample_contexts=src.norm_sample_contexts, **common)
+    if src.kind == "store":
+        return StoreSource(src.store_dir, mesh, **common)
+    store = write_array_store(src.paths if activations is None else activations,
+                              os.path.join(cfg.workdir, ARRAYS_DIR), batch_size=cfg.batch_size,
+                              chunk_mb=src.chunk_mb, site=lm.site if lm else None)
+    return StoreSource(store, mesh, kind="arrays", **common)
 
 
-class StoreSource:
-    """Batches from a harvested activation store (windowed chunk shuffle, crc-checked)."""
-
-    def __init__(self, cfg: SAETrainConfig, mesh):
-        loader = dataclasses.replace(cfg.loader, batch_size=cfg.batch_size, num_epochs=None)
-        self.acts = ActivationLoader(cfg.activation_store, loader, mesh)
-        self.samples = ActivationLoader(self.acts.store, dataclasses.replace(
-            loader, seed=cfg.loader.seed + 1), mesh)
-
-    def init_device_state(self):
-        return {}
-
-    def abstract_device_state(self):
-        return {}
-
-    def next(self, dev):
-        return dev, next(self.acts)
-
-    def sample(self, n: int) -> Float[Array, "S D"]:
-        parts, have = [], 0
-        while have < n:
-            parts.append(next(self.samples))
-            have += parts[-1].shape[0]
-        return jnp.concatenate(parts)[:n].astype(jnp.float32)
-
-    def get_state(self) -> dict:
-        return {"acts": self.acts.get_state(), "sample": self.samples.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self.acts.set_state(state["acts"])
-        self.samples.set_state(state["sample"])
+def _new_record(cfg: SAETrainConfig, lm: LMSource | None, source: ActivationSource
+                ) -> SAERunRecord:
+    stats = source.statistics()
+    identity = source.identity()
+    lm_id = None
+    if lm is not None:
+        lm_id = LMIdentity(dir=os.path.abspath(cfg.lm.dir), step=lm.meta.get("step"),
+                           token_store=lm.meta.get("store_dir"),
+                           store_fingerprint=lm.store.metadata.get("fingerprint"))
+    return SAERunRecord(config=cfg, site=lm.site if lm else identity.get("site"), lm=lm_id,
+                        data=identity, normalizer=Normalizer.from_stats(
+                            stats, normalize=cfg.source.normalize),
+                        stats=stats, versions=versions())
 
 
-# ---------------------------------------------------------------------------------------
-# Normalisation and the splice used at evaluation
-# ---------------------------------------------------------------------------------------
+class _Evaluation:
+    """Evaluates the current dictionary on fixed held-out data (same batches every time)."""
 
+    def __init__(self, cfg: SAETrainConfig, record: SAERunRecord, lm: LMSource | None,
+                 source: ActivationSource, mesh):
+        self.cfg = cfg
+        loader = LoaderConfig(batch_size=cfg.eval.batch_contexts, seed=cfg.source.seed,
+                              shuffle=False, num_epochs=None, prefetch=0)
+        splice = lambda bundle, acts: bundle.splice(acts)  # noqa: E731
+        self.data: dict[str, Any] = {}
+        if lm is not None:
+            self.loader = TokenLoader(lm.store, "val", loader, mesh)
+            self.n = cfg.eval.contexts // cfg.eval.batch_contexts
+            self.step = evaluate.make_eval_step(lm.graphdef, lm.site, splice, lm.context)
+            self.lm_params, self.mean = lm.params, jnp.asarray(record.stats.mean, jnp.float32)
+            self.data = {"eval_data": "LM validation split", "eval_contexts": cfg.eval.contexts}
+            return
+        store, in_sample = self._held_out_store(source)
+        self.loader = ActivationLoader(store, LoaderConfig(
+            batch_size=cfg.batch_size, shuffle=False, num_epochs=None, prefetch=0), mesh)
+        self.n = max(1, min(cfg.eval.rows, store.rows) // cfg.batch_size)
+        self.step = evaluate.make_activation_eval_step(splice)
+        self.data = {"eval_data": os.path.abspath(store.directory), "eval_in_sample": in_sample}
+        if in_sample:
+            logging.warning("no held-out activations (source.eval_store_dir / eval_paths): "
+                            "evaluating on the first %d training rows (in-sample)",
+                            self.n * cfg.batch_size)
 
-def estimate_normalization(producer, store: TokenStore, mesh, n_contexts: int, batch: int,
-                           d: int) -> tuple[dict, np.ndarray]:
-    """Scale (E||x|| -> sqrt(D)), mean activation, and a raw sample for the geometric median,
-    from the first ``n_contexts`` train contexts (a fixed, reproducible set)."""
-    n_contexts = max(batch, n_contexts // batch * batch)
-    n_contexts = min(n_contexts, store.rows("train") // batch * batch)
-    rows = []
-    lo, hi = parallel.process_rows(mesh, batch)  # this process's rows of each global batch
-    for a in range(0, n_contexts, batch):
-        tokens = parallel.host_to_global(store.read("train", a + lo, a + hi), mesh,
-                                         ("batch", None))
-        # Every process needs the same statistics: gather the global rows everywhere.
-        rows.append(np.asarray(multihost_utils.process_allgather(producer(tokens), tiled=True)))
-    x = np.concatenate(rows).astype(np.float64)
-    mean_norm = float(np.linalg.norm(x, axis=1).mean())
-    if not mean_norm > 0:
-        raise ConfigError("the site's activations are all zero on the normalisation sample; "
-                          "cannot normalise (set normalize=false or choose another site)")
-    return ({"norm_scale": math.sqrt(d) / mean_norm, "mean_norm": mean_norm,
-             "mean": x.mean(0).tolist(), "sample_rows": len(x)}, x.astype(np.float32))
+    def _held_out_store(self, source: StoreSource):
+        from saejax.data.activation_store import ActivationStore
 
+        src = self.cfg.source
+        if src.eval_store_dir:
+            return ActivationStore.open(src.eval_store_dir), False
+        if src.eval_paths:
+            return write_array_store(src.eval_paths, os.path.join(self.cfg.workdir, ARRAYS_EVAL_DIR),
+                                     batch_size=self.cfg.batch_size, chunk_mb=src.chunk_mb,
+                                     site=source.store.metadata["plan"].get("site")), False
+        return source.store, True
 
-def make_splice(sae_cfg):
-    """``(params, scale), acts -> (reconstruction, features)`` in the LM's units."""
-
-    def splice(p, acts):
-        params, scale = p
-        x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32) * scale
-        f = sae_model.encode(params, x, sae_cfg)
-        x_hat = sae_model.decode(params, f, sae_cfg) / scale
-        return x_hat.reshape(acts.shape), f.reshape(acts.shape[:-1] + (-1,))
-
-    return splice
+    def __call__(self, bundle: SAEBundle) -> dict[str, Any]:
+        start = self.loader.get_state()
+        try:
+            batches = (next(self.loader) for _ in range(self.n))
+            thr = self.cfg.sae.dense_threshold
+            if hasattr(self, "lm_params"):
+                out = evaluate.evaluate(self.step, self.lm_params, bundle, self.mean, batches, thr)
+            else:
+                out = evaluate.evaluate_activations(self.step, bundle, batches, thr)
+        finally:
+            self.loader.set_state(start)
+        return {**out, **self.data}
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,88 +144,70 @@ def make_splice(sae_cfg):
 # ---------------------------------------------------------------------------------------
 
 
-def _host_scalars(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(
-        {k: v for k, v in metrics.items() if k != "feature_counts"}).items()}
-
-
-def train(cfg: SAETrainConfig, *, stop_at: int | None = None) -> dict[str, Any]:
+def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
+          ) -> dict[str, Any]:
     """Trains (or resumes) the dictionary ``cfg`` describes.
 
     Args:
       cfg: the run; ``cfg.workdir`` holds checkpoints, metrics and evaluation results.
+      activations: with ``cfg.source.kind == "arrays"``, the activations themselves (a numpy
+        array [N, D] or a list of them) instead of ``cfg.source.paths``; written once into
+        ``<workdir>/activations``.
       stop_at: stop (with a checkpoint) after this step; for tests of interruption.
 
     Returns:
-      A summary: final step, last training metrics, last evaluation, timings.
+      A summary: final step, last training metrics, last evaluation, the window's training
+      density, timings, and the final ``bundle`` (:class:`~saejax.sae.bundle.SAEBundle`).
 
     Raises:
       NonFiniteError: a NaN/Inf loss or gradient (the last good checkpoint stays intact).
-      ConfigError: inconsistent settings (e.g. ``sae.d_in`` != the site's width).
+      ConfigError: inconsistent settings (e.g. ``sae.d_in`` != the activations' width).
     """
     t_start = time.perf_counter()
     mesh = parallel.make_mesh(cfg.mesh)
-    src = restore_lm_source(cfg.lm_dir, cfg.site, mesh)
-    graphdef, lm_params, lm_meta, site = src.graphdef, src.params, src.meta, src.site
-    token_store, context, producer, d = src.store, src.context, src.produce, src.width
-    if d != cfg.sae.d_in:
-        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: site {site!r} "
-                          f"of the LM in {cfg.lm_dir!r} has width {d}")
+    lm = restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh) if cfg.lm.dir else None
+    if activations is not None and cfg.source.kind != "arrays":
+        raise ConfigError(f"activations were passed, but config field 'source.kind' = "
+                          f"{cfg.source.kind!r}: set it to 'arrays'")
     parallel.check_divisible("batch_size", cfg.batch_size, mesh, parallel.DATA)
-
-    source = OnTheFlySource(cfg, producer, token_store, mesh, d) if cfg.source == "onthefly" \
-        else StoreSource(cfg, mesh)
-    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
-                        async_save=cfg.async_checkpoints)
+    source = make_source(cfg, mesh, lm, activations)
+    if source.width != cfg.sae.d_in:
+        what = f"site {lm.site!r} of the LM in {cfg.lm.dir!r}" if cfg.source.kind == "lm" \
+            else f"the {cfg.source.kind} activations"
+        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: {what} "
+                          f"has width {source.width}")
+    ckpt = Checkpointer(os.path.join(cfg.workdir, CHECKPOINTS), keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
     train_step = make_train_step(cfg.sae, mesh)
     dead_strategy = make_dead_strategy(cfg.sae, mesh)
-    abstract = {"sae": abstract_state(cfg.sae, mesh), "source": source.abstract_device_state()}
-
+    counts_sharding = parallel.named_sharding(mesh, ("latent",))
+    abstract = {"sae": abstract_state(cfg.sae, mesh), "source": source.abstract_device_state(),
+                "counts": jax.ShapeDtypeStruct((cfg.sae.n_features,), jnp.int32,
+                                               sharding=counts_sharding)}
     if ckpt.latest_step() is not None:
-        state, data_state, metadata = ckpt.restore(abstract)
+        state, data_state, meta = ckpt.restore(abstract)
+        record = SAERunRecord.from_dict(meta, where=f"{ckpt.directory!r}")
         source.set_state(data_state)
         logging.info("resumed %s at step %d", cfg.workdir, int(state["sae"].step))
     else:
-        if cfg.source == "store":
-            stats = source.acts.store.stats
-            norm = {"norm_scale": stats["norm_scale"], "mean_norm": stats["mean_norm"],
-                    "mean": stats["mean"], "sample_rows": stats["rows"]}
-            store = source.acts.store
-            n_init = -(-min(INIT_SAMPLE_ROWS, store.rows) // store.chunk_rows)
-            init_rows = np.concatenate([np.asarray(store.read_chunk(i), np.float32)
-                                        for i in range(n_init)])
-        else:
-            norm, init_rows = estimate_normalization(
-                producer, token_store, mesh, cfg.norm_sample_contexts, cfg.lm_batch_size, d)
-        if not cfg.normalize:
-            norm["norm_scale"] = 1.0
-        init_rows = init_rows[:INIT_SAMPLE_ROWS] * norm["norm_scale"]
-        metadata = {"config": to_dict(cfg), "versions": versions(), "normalization": norm,
-                    "site": site, "lm": {"dir": os.path.abspath(cfg.lm_dir),
-                                         "step": lm_meta.get("step"),
-                                         "store_dir": lm_meta["store_dir"]}}
-        state = {"sae": init_state(cfg.sae, mesh, init_rows), "source": source.init_device_state()}
-    scale = jnp.float32(metadata["normalization"]["norm_scale"])
-    mean_act = jnp.asarray(metadata["normalization"]["mean"], jnp.float32)
-    prep = jax.jit(lambda x, s: x.astype(jnp.float32) * s,
+        record = _new_record(cfg, lm, source)
+        init = record.normalizer.apply(source.init_sample(INIT_SAMPLE_ROWS))
+        state = {"sae": init_state(cfg.sae, mesh, init), "source": source.init_device_state(),
+                 "counts": jax.device_put(np.zeros(cfg.sae.n_features, np.int32), counts_sharding)}
+    normalizer = record.normalizer
+    prep = jax.jit(lambda x: normalizer.apply(x.astype(jnp.float32)),
                    out_shardings=parallel.named_sharding(mesh, ("batch", "d_in")))
+    add_counts = jax.jit(lambda c, m: c + m, donate_argnums=0)
+    evaluation = _Evaluation(cfg, record, lm, source, mesh)
 
-    val_cfg = dataclasses.replace(cfg.loader, batch_size=cfg.eval_batch_contexts, shuffle=False,
-                                  num_epochs=None, prefetch=0)
-    val = TokenLoader(token_store, "val", val_cfg, mesh)
-    eval_step = evaluate.make_eval_step(graphdef, site, make_splice(cfg.sae), context)
-    n_eval = cfg.eval_contexts // cfg.eval_batch_contexts
+    def bundle() -> SAEBundle:
+        return SAEBundle(state["sae"].params, cfg.sae, normalizer, record.site)
 
     def run_eval(step: int) -> dict:
-        start = val.get_state()
-        try:
-            batches = (next(val) for _ in range(n_eval))
-            out = evaluate.evaluate(eval_step, lm_params, (state["sae"].params, scale), mean_act,
-                                    batches, cfg.sae.dense_threshold)
-        finally:
-            val.set_state(start)
+        out = evaluation(bundle())
         density = out.pop("feature_density")
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
         alive = density[density > 0]
         if alive.size:
             writer.write_histogram(step, "eval/log10_feature_density", np.log10(alive))
@@ -267,130 +223,85 @@ def train(cfg: SAETrainConfig, *, stop_at: int | None = None) -> dict[str, Any]:
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
     writer = MetricWriter(cfg.workdir)
     bar = ProgressBar(cfg.num_steps, start_step=start, enabled=cfg.progress_bar)
-    tokens_per_step = cfg.batch_size
     summary: dict[str, Any] = {"eval": None, "interrupted": None, "resample_seconds": 0.0,
-                               "resamples": []}
-    window = {"sum": {}, "n": 0, "t": time.perf_counter(), "tokens_per_s": 0.0}
-    counts = jax.jit(lambda c, m: c + m, donate_argnums=0)
-    feature_counts = jnp.zeros((cfg.sae.n_features,), jnp.int32)
-    last = {}
+                               "resamples": [], "train_density": None}
 
-    def consume(step: int, metrics: dict) -> None:
-        """Host side of step ``step`` (0-based): finiteness, logging, progress."""
-        m = _host_scalars(metrics)
-        try:
-            check_finite(m, step + 1)
-        except NonFiniteError as e:
-            ckpt.wait()
-            raise NonFiniteError(f"{e} Stopping; the last good checkpoint is step "
-                                 f"{ckpt.latest_step()} in {ckpt.directory}.") from None
-        last.update(m)
-        for k, v in m.items():
-            window["sum"][k] = window["sum"].get(k, 0.0) + v
-        window["n"] += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == end:
-            now = time.perf_counter()
-            window["tokens_per_s"] = window["n"] * tokens_per_step / max(now - window["t"], 1e-9)
-            avg = {k: v / window["n"] for k, v in window["sum"].items() if k != "nonfinite"}
-            scalars = {f"train/{k}": v for k, v in avg.items()}
-            scalars["perf/tokens_per_s"] = window["tokens_per_s"]
-            writer.write_scalars(done, scalars)
-            bar.update(done, {"loss": avg["loss"], "L0": avg["l0"],
-                              "dead%": 100 * avg["frac_dead"], "tok/s": window["tokens_per_s"]})
-            window.update(sum={}, n=0, t=now)
+    def report(done: int, avg: dict, last: dict, tokens_per_s: float) -> None:
+        writer.write_scalars(done, {**{f"train/{k}": v for k, v in avg.items()},
+                                    "perf/tokens_per_s": tokens_per_s})
+        bar.update(done, {"loss": avg["loss"], "L0": avg["l0"], "dead%": 100 * avg["frac_dead"],
+                          "tok/s": tokens_per_s})
 
-    def save(step: int) -> None:
-        ckpt.save(step, state, data_state=source.get_state(), metadata=metadata)
+    def stop_nonfinite(e: NonFiniteError) -> None:
+        ckpt.wait()
+        raise NonFiniteError(f"{e}; the update was not applied. Stopping; the last good "
+                             f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} "
+                             f"(check the activations for NaN/Inf and lower sae.lr).") from None
 
-    pending = None
-    final = start
+    host = HostMetrics(log_every=cfg.log_every, end=end, tokens_per_step=cfg.batch_size,
+                       report=report, on_nonfinite=stop_nonfinite, skip=("feature_counts",))
+
+    def step(i: int):
+        nonlocal state
+        dev, batch = source.next(state["source"])
+        sae_state, metrics = train_step(state["sae"], prep(batch))
+        state = {"sae": sae_state, "source": dev,
+                 "counts": add_counts(state["counts"], metrics["feature_counts"])}
+        return metrics
+
+    def at_sync(done: int) -> None:
+        nonlocal state
+        if should_resample(cfg.sae, done):
+            t0 = time.perf_counter()
+            sample = prep(source.resample_sample(cfg.sae.resample_sample_size))
+            sae_state, info = dead_strategy(state["sae"], sample)
+            state = {**state, "sae": sae_state}
+            n_dead = int(info["n_dead"]) if "n_dead" in info else 0
+            dt = time.perf_counter() - t0
+            summary["resample_seconds"] += dt
+            summary["resamples"].append({"step": done, "n_dead": n_dead, "seconds": dt})
+            writer.write_scalars(done, {"resample/n_dead": n_dead, "perf/resample_seconds": dt})
+            logging.info("step %d: resampled %d dead features in %.2f s", done, n_dead, dt)
+        if done % cfg.eval.every == 0:
+            summary["eval"] = run_eval(done)
+            # Density over the window since the last evaluation; the counts are part of the
+            # checkpointed state, so a resumed run reports the same numbers.
+            density = parallel.to_host(state["counts"]) / (cfg.eval.every * cfg.batch_size)
+            summary["train_density"] = density
+            alive = density[density > 0]
+            if alive.size:
+                writer.write_histogram(done, "train/log10_feature_density", np.log10(alive))
+            if is_writer_process():
+                np.save(os.path.join(cfg.workdir, "train_feature_density.npy"), density)
+            state = {**state, "counts": jnp.zeros_like(state["counts"])}
+
+    def save(done: int) -> None:
+        ckpt.save(done, state, data_state=source.get_state(), metadata=record.to_dict())
+
     try:
-        with StopSignal() as stop:
-            for step in range(start, end):
-                if stop.signum is not None:
-                    break
-                dev, batch = source.next(state["source"])
-                sae_state, metrics = train_step(state["sae"], prep(batch, scale))
-                state = {"sae": sae_state, "source": dev}
-                feature_counts = counts(feature_counts, metrics["feature_counts"])
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, metrics)
-                done = step + 1
-                resample = should_resample(cfg.sae, done)
-                if resample or done % cfg.checkpoint_every == 0 or done % cfg.eval_every == 0:
-                    consume(*pending)  # never resample, evaluate or save unchecked state
-                    pending = None
-                if resample:
-                    t0 = time.perf_counter()
-                    sample = prep(source.sample(cfg.sae.resample_sample_size), scale)
-                    sae_state, info = dead_strategy(state["sae"], sample)
-                    state = {**state, "sae": sae_state}
-                    n_dead = int(info["n_dead"]) if "n_dead" in info else 0
-                    dt = time.perf_counter() - t0
-                    summary["resample_seconds"] += dt
-                    summary["resamples"].append({"step": done, "n_dead": n_dead, "seconds": dt})
-                    writer.write_scalars(done, {"resample/n_dead": n_dead, "perf/resample_seconds": dt})
-                    logging.info("step %d: resampled %d dead features in %.2f s", done, n_dead, dt)
-                if done % cfg.eval_every == 0:
-                    summary["eval"] = run_eval(done)
-                    density = parallel.to_host(feature_counts) / max(1, cfg.eval_every * cfg.batch_size)
-                    alive = density[density > 0]
-                    if alive.size:
-                        writer.write_histogram(done, "train/log10_feature_density", np.log10(alive))
-                    feature_counts = jnp.zeros_like(feature_counts)
-                if done % cfg.checkpoint_every == 0:
-                    save(done)
-            if pending is not None:
-                consume(*pending)
-                pending = None
-            final = int(jax.device_get(state["sae"].step))
-            if stop.signum is not None:
-                summary["interrupted"] = signal.Signals(stop.signum).name
-                logging.warning("%s received: saving a checkpoint at step %d before exit",
-                                summary["interrupted"], final)
-            if final not in ckpt.all_steps():
-                save(final)
+        result = run_steps(
+            start, end, step=step, metrics=host, checkpoint_every=cfg.checkpoint.every,
+            save=save, saved_steps=ckpt.all_steps,
+            current_step=lambda: int(jax.device_get(state["sae"].step)),
+            sync_at=lambda done: should_resample(cfg.sae, done) or done % cfg.eval.every == 0,
+            at_sync=at_sync)
+        final, summary["interrupted"] = result.final_step, result.interrupted
         if final == cfg.num_steps and (summary["eval"] is None or summary["eval"]["step"] != final):
             summary["eval"] = run_eval(final)
     finally:
         ckpt.close()
         writer.close()
         bar.close()
-    summary.update(step=final, train=last, tokens_per_s=window["tokens_per_s"],
-                   seconds=time.perf_counter() - t_start, params=state["sae"].params)
+    summary.update(step=final, train=host.last, tokens_per_s=host.tokens_per_s,
+                   seconds=time.perf_counter() - t_start, bundle=bundle())
     if summary["eval"]:
-        e = summary["eval"]
-        logging.info("step %d: loss recovered %.1f%% (mean-ablation %.1f%%), L0 %.1f, dead %d, "
-                     "dense %d, explained variance %.3f", final, 100 * e["frac_loss_recovered"],
-                     100 * e["frac_loss_recovered_mean_ablation"], e["l0"], e["dead_features"],
-                     e["dense_features"], e["explained_variance"])
+        _log_eval(final, summary["eval"])
     return summary
 
 
-def load_sae(workdir: str, *, step: int | None = None, mesh=None):
-    """Restores a trained dictionary for analysis, onto ``mesh`` (any shape).
-
-    Returns:
-      (params, sae_config, metadata): ``SAEParams`` sharded for ``mesh`` (default all
-      devices, data-parallel), the ``SAEConfig`` and the run's metadata (config, site,
-      normalisation constants, LM location, step).
-    """
-    from saejax.config import MeshConfig, from_config
-
-    mesh = mesh or parallel.make_mesh(MeshConfig())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
-        metadata = ckpt.restore_metadata(step)
-        cfg = from_config(SAETrainConfig, metadata["config"])
-        # Only the dictionary: the shuffle buffer saved beside it is laid out for the
-        # training mesh and is not needed for analysis.
-        state, _, _ = ckpt.restore({"sae": abstract_state(cfg.sae, mesh)}, step, partial=True)
-    finally:
-        ckpt.close()
-    metadata["step"] = step
-    return state["sae"].params, cfg.sae, metadata
+def _log_eval(step: int, e: dict) -> None:
+    head = (f"loss recovered {100 * e['frac_loss_recovered']:.1f}% (mean-ablation "
+            f"{100 * e['frac_loss_recovered_mean_ablation']:.1f}%), "
+            if "frac_loss_recovered" in e else "")
+    logging.info("step %d: %sL0 %.1f, dead %d, dense %d, explained variance %.3f", step, head,
+                 e["l0"], e["dead_features"], e["dense_features"], e["explained_variance"])

@@ -1,16 +1,27 @@
-"""Configs of the SAE pipeline jobs: ``launch/harvest.py`` and ``launch/train_sae.py``."""
+"""Configs of the SAE pipeline jobs: ``launch/harvest.py`` and ``launch/train_sae.py``.
+
+``SAETrainConfig`` has one section per concern; every field is used by the run it
+configures (a field that belongs to another source kind must stay unset):
+
+    sae         the dictionary and its optimiser (saejax.sae.config.SAEConfig)
+    lm          the subject LM and site, or none (train on activations alone)
+    source      where activation batches come from: "lm" (on the fly), "store", "arrays"
+    eval        evaluation cadence and size
+    checkpoint  checkpoint cadence, retention, async writes
+    (top level) workdir, batch_size, num_steps, log_every, progress_bar, mesh, distributed
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal, get_args
 
-from saejax.config import (DistributedConfig, LoaderConfig, MeshConfig, check, check_choice,
+from saejax.config import (ConfigError, DistributedConfig, MeshConfig, check, check_choice,
                            check_nonnegative, check_positive)
 from saejax.data.activation_store import DTYPES
 from saejax.sae.config import SAEConfig
 
-Source = Literal["onthefly", "store"]
+SourceKind = Literal["lm", "store", "arrays"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,65 +68,170 @@ class HarvestConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SAETrainConfig:
-    """``launch/train_sae.py``: train a dictionary on LM activations.
+class LMSiteConfig:
+    """The subject LM and the site the dictionary reads (section ``lm``).
 
     Attributes:
-      sae: the autoencoder and its optimiser (``sae.d_in`` must equal the site's width).
-      lm_dir: LM training workdir; its tokens feed the on-the-fly source and evaluation.
-      site: activation site the dictionary reads and, at evaluation, replaces.
-      source: "onthefly" (LM -> device shuffle buffer) or "store" (``activation_store``).
-      activation_store: harvested store for ``source="store"``.
-      workdir: checkpoints, metrics.jsonl, TensorBoard events, eval.json, density PNG.
+      dir: LM training workdir (or a local HF GPT-2 directory). None: no LM; the
+        activations come from a store or arrays, and evaluation reports what needs no LM
+        (MSE, explained variance, L0, dead/dense features).
+      site: activation site the dictionary reads and, at evaluation, replaces (e.g.
+        "mlp.post" = layer 0's MLP neurons, "blocks.1.resid.mid").
+    """
+
+    dir: str | None = "runs/lm/paper"
+    site: str = "mlp.post"
+
+    def __post_init__(self):
+        if self.dir is not None:
+            check("lm.dir", self.dir, bool(self.dir), "must name an LM workdir, or be None")
+        check("lm.site", self.site, bool(self.site), "must name an activation site")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where activation batches come from (section ``source``).
+
+    Attributes:
+      kind: "lm" (the LM run on its token store, through a device shuffle buffer),
+        "store" (an activation store from ``launch/harvest.py``) or "arrays" (.npy files
+        of shape [N, D], written once into an activation store in
+        ``<workdir>/activations``, then read like one).
+      normalize: multiply inputs so that E||x|| = sqrt(d_in) (the constant is saved with
+        the run and applied by every consumer; see saejax.normalize).
+      seed: shuffle seed of every stream (the resampling stream uses seed + 1).
+      shuffle: permute the order in which the data is read: the token store's contexts
+        (kind "lm"; the shuffle buffer mixes rows either way) or the activation store's
+        chunks and rows (kinds "store", "arrays"). False reads in file order.
+      lm_batch_size: contexts per LM call (kind "lm").
+      buffer_rows: device shuffle-buffer capacity in rows (kind "lm"); a multiple of
+        2 x batch_size.
+      norm_sample_contexts: contexts whose activations give the normalisation statistics
+        and the geometric-median sample (kind "lm"; a store carries its own statistics).
+      store_dir: the activation store (kind "store").
+      paths: a .npy file of rows [N, D], a glob, or several separated by commas, read in
+        sorted order within each glob (kind "arrays").
+      eval_store_dir / eval_paths: held-out activations for evaluation without an LM
+        (kinds "store" / "arrays"); when unset, evaluation without an LM reads the first
+        rows of the training store and reports them as in-sample.
+      window_chunks: store chunks mixed by one shuffle window (the token store's for kind
+        "lm", the activation store's otherwise).
+      prefetch: batches the store loader reads ahead.
+      chunk_mb: target chunk size of the store written from arrays (kind "arrays").
+    """
+
+    kind: SourceKind = "lm"
+    normalize: bool = True
+    seed: int = 0
+    shuffle: bool = True
+    lm_batch_size: int = 64
+    buffer_rows: int = 262_144
+    norm_sample_contexts: int = 256
+    store_dir: str | None = None
+    paths: str | None = None
+    eval_store_dir: str | None = None
+    eval_paths: str | None = None
+    window_chunks: int = 4
+    prefetch: int = 2
+    chunk_mb: float = 16.0
+
+    def __post_init__(self):
+        check_choice("source.kind", self.kind, get_args(SourceKind))
+        check_nonnegative("source.seed", self.seed)
+        for name in ("lm_batch_size", "buffer_rows", "norm_sample_contexts", "window_chunks",
+                     "chunk_mb"):
+            check_positive(f"source.{name}", getattr(self, name))
+        check_nonnegative("source.prefetch", self.prefetch)
+        owner = {"store_dir": "store", "eval_store_dir": "store", "paths": "arrays",
+                 "eval_paths": "arrays"}
+        for name, kind in owner.items():
+            if getattr(self, name) and self.kind != kind:
+                raise ConfigError(f"config field 'source.{name}' = {getattr(self, name)!r} is "
+                                  f"invalid: it is read only when source.kind='{kind}' "
+                                  f"(source.kind is {self.kind!r})")
+        if self.kind == "store":
+            check("source.store_dir", self.store_dir, bool(self.store_dir),
+                  "must name a harvested activation store when source.kind='store'")
+        if self.kind == "arrays":
+            check("source.paths", self.paths, bool(self.paths),
+                  "must list .npy files (or globs) when source.kind='arrays'")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (section ``eval``): every ``every`` steps and at the end.
+
+    Attributes:
+      every: steps between evaluations.
+      contexts / batch_contexts: validation contexts of the LM's token store and contexts
+        per jitted call (with an LM: loss recovered, KL, explained variance, L0, density).
+      rows: activation rows evaluated without an LM (MSE, explained variance, L0,
+        density); rounded down to whole batches.
+    """
+
+    every: int = 1000
+    contexts: int = 256
+    batch_contexts: int = 32
+    rows: int = 65_536
+
+    def __post_init__(self):
+        for name in ("every", "contexts", "batch_contexts", "rows"):
+            check_positive(f"eval.{name}", getattr(self, name))
+        check("eval.contexts", self.contexts, self.contexts % self.batch_contexts == 0,
+              f"must be a multiple of eval.batch_contexts ({self.batch_contexts})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (section ``checkpoint``): cadence, how many to keep, async writes."""
+
+    every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        check_positive("checkpoint.every", self.every)
+        check_positive("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAETrainConfig:
+    """``launch/train_sae.py``: train a dictionary on activations (see the module docstring).
+
+    Attributes:
+      sae: the autoencoder and its optimiser (``sae.d_in`` must equal the data's width).
+      lm: the subject LM and site (``lm.dir`` None: no LM).
+      source: where the activations come from.
+      eval: evaluation cadence and size.
+      checkpoint: checkpoint cadence and retention.
+      workdir: checkpoints, metrics.jsonl, TensorBoard events, eval.json, feature density.
         Re-running with the same workdir resumes exactly.
       batch_size: activation rows per SAE step (global).
       num_steps: SAE steps.
-      lm_batch_size: contexts per LM call (on the fly).
-      buffer_rows: device shuffle-buffer capacity in rows (on the fly).
-      normalize: scale inputs so that E||x|| = sqrt(d_in) (constant saved with the run).
-      norm_sample_contexts: contexts used to estimate the scale, the activation mean and
-        the geometric-median sample (on the fly; a store carries its own statistics).
-      loader: store reader settings (seed, window_chunks, prefetch; batch_size is ignored)
-        and the on-the-fly token loader's seed.
-      eval_every / eval_contexts / eval_batch_contexts: evaluation cadence and size on the
-        validation split (loss recovered, KL, explained variance, L0, dead/dense).
-      log_every / checkpoint_every / keep_checkpoints / async_checkpoints: host cadence.
+      log_every: steps per metrics window (metrics.jsonl, TensorBoard, progress bar).
+      progress_bar: draw the console progress bar.
     """
 
     sae: SAEConfig = SAEConfig()
-    lm_dir: str = "runs/lm/paper"
-    site: str = "mlp.post"
-    source: Source = "onthefly"
-    activation_store: str | None = None
+    lm: LMSiteConfig = LMSiteConfig()
+    source: SourceConfig = SourceConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     workdir: str = "runs/sae/a1"
     batch_size: int = 4096
     num_steps: int = 10_000
-    lm_batch_size: int = 64
-    buffer_rows: int = 262_144
-    normalize: bool = True
-    norm_sample_contexts: int = 256
-    loader: LoaderConfig = LoaderConfig()
-    eval_every: int = 1000
-    eval_contexts: int = 256
-    eval_batch_contexts: int = 32
     log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    async_checkpoints: bool = True
     progress_bar: bool = True
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
-        check_choice("source", self.source, get_args(Source))
-        if self.source == "store":
-            check("activation_store", self.activation_store, bool(self.activation_store),
-                  "must name a harvested store when source='store'")
-        for name in ("batch_size", "num_steps", "lm_batch_size", "buffer_rows",
-                     "norm_sample_contexts", "eval_every", "eval_contexts", "eval_batch_contexts",
-                     "log_every", "checkpoint_every", "keep_checkpoints"):
+        check("workdir", self.workdir, bool(self.workdir), "must be a non-empty path")
+        for name in ("batch_size", "num_steps", "log_every"):
             check_positive(name, getattr(self, name))
-        check("eval_contexts", self.eval_contexts, self.eval_contexts % self.eval_batch_contexts == 0,
-              f"must be a multiple of eval_batch_contexts ({self.eval_batch_contexts})")
-        check("buffer_rows", self.buffer_rows, self.buffer_rows % (2 * self.batch_size) == 0,
-              f"must be a multiple of 2 x batch_size ({2 * self.batch_size})")
+        if self.source.kind == "lm":
+            check("lm.dir", self.lm.dir, self.lm.dir is not None,
+                  "must name an LM when source.kind='lm' (the activations come from it)")
+            check("source.buffer_rows", self.source.buffer_rows,
+                  self.source.buffer_rows % (2 * self.batch_size) == 0,
+                  f"must be a multiple of 2 x batch_size ({2 * self.batch_size})")

@@ -35,7 +35,9 @@ def tiny_lm_dir(tmp_path_factory):
     import numpy as np
 
     from experiments import lm_tiny
-    from saejax.config import CorpusConfig, CorpusJobConfig, TokenizerConfig, from_config
+    from saejax.config import from_config
+    from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+    from saejax.data.tokenizer import TokenizerConfig
     from saejax.data.corpus import build_token_store
     from saejax.lm.config import LMTrainConfig
     from saejax.lm.train import train as train_lm

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from saejax import parallel
-from saejax.activations import ShuffleBuffer, harvest, harvest_chunk_rows
-from saejax.config import LoaderConfig, MeshConfig
+from saejax.buffer import ShuffleBuffer
+from saejax.harvest import harvest, harvest_chunk_rows
+from saejax.config import MeshConfig
+from saejax.data.loader import LoaderConfig
 from saejax.data.activation_store import ActivationStore, ActivationStoreWriter
 from saejax.data.loader import ActivationLoader
 from saejax.data.token_store import CorruptStoreError, IncompleteStoreError, StoreExistsError

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from saejax.analysis import dashboard, features, plots
-from saejax.analysis.bundle import SAEBundle
-from saejax.config import CorpusConfig, CorpusJobConfig, TokenizerConfig
+from saejax.normalize import Normalizer
+from saejax.sae.bundle import SAEBundle
+from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+from saejax.data.tokenizer import TokenizerConfig
 from saejax.data.corpus import build_token_store
 from saejax.lm.config import ModelConfig
 from saejax.lm.model import build_model
@@ -44,7 +46,7 @@ def run(tmp_path_factory):
                                     n_heads=2, d_mlp=48), seed=0)
     sae = SAEBundle(init_params(jax.random.key(0), SAEConfig(d_in=48, n_features=24),
                                 np.zeros(48)), SAEConfig(d_in=48, n_features=24),
-                    site="mlp.post", norm_scale=7.0)
+                    site="mlp.post", normalizer=Normalizer(7.0))
     cfg = features.FeatureStatsConfig(batch_size=16, top_k=5, samples_per_interval=2,
                                       ablation_contexts=1)
     stats = features.compute_feature_stats(model, sae, tokens, cfg, tokenizer=store.tokenizer())

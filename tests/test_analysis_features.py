@@ -9,7 +9,8 @@ import pytest
 
 from saejax import parallel
 from saejax.analysis import ablation, features, logits
-from saejax.analysis.bundle import SAEBundle, load_sae, save_sae
+from saejax.normalize import Normalizer
+from saejax.sae.bundle import SAEBundle, load_bundle, save_bundle
 from saejax.config import MeshConfig
 from saejax.lm.config import ModelConfig
 from saejax.lm.model import build_model
@@ -46,7 +47,7 @@ def planted_sae(norm_scale=1.0):
     params = SAEParams(W_enc=jnp.asarray(w / norm_scale), b_enc=jnp.asarray(b),
                        W_dec=jnp.asarray(w_dec), b_dec=jnp.zeros(D))
     return SAEBundle(params, SAEConfig(d_in=D, n_features=F), site="resid.pre",
-                     norm_scale=norm_scale)
+                     normalizer=Normalizer(norm_scale))
 
 
 def planted_tokens():
@@ -179,8 +180,8 @@ def test_ultralow_threshold_finds_the_valley():
 
 def test_sae_export_round_trip(tmp_path):
     sae = planted_sae(norm_scale=3.0)
-    save_sae(str(tmp_path / "sae.npz"), sae, extra={"step": 5})
-    back, extra = load_sae(str(tmp_path / "sae.npz"))
+    save_bundle(str(tmp_path / "sae.npz"), sae, extra={"step": 5})
+    back, extra = load_bundle(str(tmp_path / "sae.npz"))
     assert extra == {"step": 5} and back.site == "resid.pre" and back.norm_scale == 3.0
     assert back.config == sae.config
     np.testing.assert_array_equal(back.params.W_enc, sae.params.W_enc)

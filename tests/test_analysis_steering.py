@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from saejax.analysis import logits, steering
-from saejax.analysis.bundle import SAEBundle
+from saejax.normalize import Normalizer
+from saejax.sae.bundle import SAEBundle
 from saejax.lm.config import ModelConfig
 from saejax.lm.generate import _generate
 from saejax.lm.model import build_model
@@ -26,7 +27,8 @@ def setup():
     # Encoder = decoder: reading a pinned feature back gives exactly the pinned value
     # wherever it was active (W_enc[i] . d_i = 1).
     sae = SAEBundle(SAEParams(W_enc=w, b_enc=jnp.zeros(F), W_dec=w, b_dec=jnp.zeros(M)),
-                    SAEConfig(d_in=M, n_features=F), site="mlp.post", norm_scale=SCALE)
+                    SAEConfig(d_in=M, n_features=F), normalizer=Normalizer(SCALE),
+                    site="mlp.post")
     prompts = jax.random.randint(jax.random.key(2), (8, 4), 0, V)
     return model, sae, prompts
 
@@ -103,8 +105,10 @@ def test_launch_steer_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    from saejax.analysis.bundle import save_sae
-    from saejax.config import CorpusConfig, CorpusJobConfig, LoaderConfig, TokenizerConfig
+    from saejax.sae.bundle import save_bundle
+    from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+    from saejax.data.loader import LoaderConfig
+    from saejax.data.tokenizer import TokenizerConfig
     from saejax.data.corpus import build_token_store
     from saejax.lm.config import LMTrainConfig, OptimConfig
     from saejax.lm.train import train
@@ -125,9 +129,10 @@ def test_launch_steer_end_to_end(tmp_path):
                         eval_batches=1, checkpoint_every=4, async_checkpoints=False,
                         progress_bar=False))
     cfg = SAEConfig(d_in=64, n_features=32)
-    save_sae(str(tmp_path / "sae.npz"),
-             SAEBundle(init_params(jax.random.key(0), cfg, np.zeros(64)), cfg, norm_scale=2.0),
-             extra={"lm_dir": lm_dir})
+    save_bundle(str(tmp_path / "sae.npz"),
+                SAEBundle(init_params(jax.random.key(0), cfg, np.zeros(64)), cfg,
+                          normalizer=Normalizer(2.0), site="mlp.post"),
+                extra={"lm_dir": lm_dir})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, os.path.join(root, "launch", "steer.py"), f"--sae={tmp_path / 'sae.npz'}",

@@ -10,8 +10,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from saejax.config import (ConfigError, CorpusConfig, CorpusJobConfig, DistributedConfig,
-                           LoaderConfig, MeshConfig, TokenizerConfig, from_config)
+from saejax.config import ConfigError, DistributedConfig, MeshConfig, from_config
+from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+from saejax.data.loader import LoaderConfig
+from saejax.data.tokenizer import TokenizerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from saejax.config import CorpusConfig, CorpusJobConfig, TokenizerConfig
+from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+from saejax.data.tokenizer import TokenizerConfig
 from saejax.data import corpus as corpus_mod
 from saejax.data import sources
 from saejax.data.corpus import build_token_store, split_of

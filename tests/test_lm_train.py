@@ -15,17 +15,19 @@ import pytest
 from flax import nnx
 
 from saejax import parallel
-from saejax.config import CorpusConfig, CorpusJobConfig, MeshConfig, TokenizerConfig, from_config
+from saejax.config import MeshConfig, from_config
+from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+from saejax.data.tokenizer import TokenizerConfig
 from saejax.lm.config import LMTrainConfig, ModelConfig, OptimConfig
 from saejax.lm.restore import load_lm
 from saejax.lm.train import (
-    NonFiniteLossError,
     init_train_state,
     lm_loss,
     lr_schedule,
     train,
     unigram_baseline,
 )
+from saejax.loop import NonFiniteError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("def return self import class for in if else the data value None True False "
@@ -204,7 +206,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_exactly(store_dir, tmp_path, monk
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(store_dir, tmp_path):
     cfg = tiny_config(store_dir, tmp_path, num_steps=20, checkpoint_every=1,
                       optim=dict(lr=1e20, warmup_steps=0, grad_clip=1.0))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* last good "
+    with pytest.raises(NonFiniteError, match=r"non-finite training loss .* last good "
                                                  r"checkpoint is step 1"):
         train(cfg)
     params, meta = _final_params(tmp_path)

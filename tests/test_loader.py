@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from saejax import parallel
-from saejax.config import (ConfigError, CorpusConfig, CorpusJobConfig, LoaderConfig, MeshConfig,
-                           TokenizerConfig)
+from saejax.config import ConfigError, MeshConfig
+from saejax.data.corpus import CorpusConfig, CorpusJobConfig
+from saejax.data.loader import LoaderConfig
+from saejax.data.tokenizer import TokenizerConfig
 from saejax.data.corpus import build_token_store
 from saejax.data.loader import ChunkShuffleBatches, TokenLoader
 

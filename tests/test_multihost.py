@@ -23,10 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from saejax.activations import harvest_chunk_rows, run_harvest
+from saejax.harvest import harvest_chunk_rows, run_harvest
 from saejax.config import from_config
 from saejax.data.activation_store import ActivationStore
-from saejax.train import load_sae, train
+from saejax.record import load_sae
+from saejax.train import train
 from saejax.train_config import HarvestConfig, SAETrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +52,9 @@ def harvest_overrides(lm_dir: str, out_dir: str, num_contexts: int) -> dict:
 
 def sae_overrides(lm_dir: str, store: str, workdir: str) -> dict:
     # Resampling in both halves (before and after the kill), checkpoints every 5 steps.
-    return {"lm_dir": lm_dir, "source": "store", "activation_store": store,
-            "workdir": workdir, "num_steps": 2 * N, "checkpoint_every": 5,
-            "sae.resample_steps": (8, 28), "sae.dead_window": 5, "eval_every": 1000,
+    return {"lm.dir": lm_dir, "source.kind": "store", "source.store_dir": store,
+            "workdir": workdir, "num_steps": 2 * N, "checkpoint.every": 5,
+            "sae.resample_steps": (8, 28), "sae.dead_window": 5, "eval.every": 1000,
             "progress_bar": False, "mesh.data": 4, "mesh.model": 2}
 
 
@@ -131,10 +132,10 @@ def reference(tiny_lm_dir, tmp_path_factory):
         tiny_lm_dir, store, num_contexts))))
     cd = _set(sae_tiny.get_config(), sae_overrides(tiny_lm_dir, store, str(root / "sae")))
     train(from_config(SAETrainConfig, cd))
-    params, _, meta = load_sae(str(root / "sae"))
-    assert meta["step"] == 2 * N
+    bundle, record = load_sae(str(root / "sae"))
+    assert record.step == 2 * N
     return {"store": store, "num_contexts": num_contexts,
-            "params": jax.tree.map(np.asarray, params)}
+            "params": jax.tree.map(np.asarray, bundle.params)}
 
 
 def test_two_processes_harvest_train_kill_resume_equal_one_process(tiny_lm_dir, reference,
@@ -172,8 +173,9 @@ def test_two_processes_harvest_train_kill_resume_equal_one_process(tiny_lm_dir, 
     # 3. Restart: both processes resume from the latest checkpoint and finish at 2N.
     out = _run_two("train_sae.py", sae_config, overrides)
     assert "resumed" in out, out[-4000:]
-    got, _, meta = load_sae(str(work))
-    assert meta["step"] == 2 * N
+    got, record = load_sae(str(work))
+    got = got.params
+    assert record.step == 2 * N
     # Equal up to float rounding: the gradient all-reduce over "data" crosses processes
     # (gloo) here and stays in one process there, so sums round in a different order (the
     # last bit of some entries; measured max difference 3e-8). A different batch, resample
@@ -236,9 +238,10 @@ def test_model_axis_across_processes_trains_like_one_process(tiny_lm_dir, refere
     got_dir = tmp_path / "two"
     _run_two("train_sae.py", str(ROOT / "experiments" / "sae_tiny.py"),
              {**sae_overrides(tiny_lm_dir, reference["store"], str(got_dir)), **steps})
-    want, _, _ = load_sae(str(want_dir))
-    got, _, meta = load_sae(str(got_dir))
-    assert meta["step"] == 12
+    want, _ = load_sae(str(want_dir))
+    got, record = load_sae(str(got_dir))
+    want, got = want.params, got.params
+    assert record.step == 12
     for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
                             strict=True):  # same tolerance and reason as above
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,

@@ -8,8 +8,9 @@ import pytest
 
 from saejax.config import ConfigError, MeshConfig, from_config
 from saejax.parallel import make_mesh
-from saejax.sae import (NonFiniteError, SAEConfig, abstract_state, check_finite, estimate_memory,
-                        init_state, make_train_step, should_resample)
+from saejax.loop import NonFiniteError, check_finite
+from saejax.sae import (SAEConfig, abstract_state, estimate_memory, init_state, make_train_step,
+                        should_resample)
 from saejax.sae import model
 from saejax.sae.geometric_median import geometric_median
 from saejax.sae.registry import get_architecture

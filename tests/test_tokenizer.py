@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from saejax.config import ConfigError, TokenizerConfig
+from saejax.config import ConfigError
+from saejax.data.tokenizer import TokenizerConfig
 from saejax.data.tokenizer import (ByteTokenizer, load_tokenizer, load_tokenizer_file,
                                    make_tokenizer, train_bpe)
 

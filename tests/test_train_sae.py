@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from saejax import parallel
-from saejax.config import (from_config)
-from saejax.sae.step import NonFiniteError
-from saejax.train import load_sae, train
+from saejax.config import ConfigError, from_config
+from saejax.loop import NonFiniteError
+from saejax.record import load_sae
+from saejax.train import train
 from saejax.train_config import HarvestConfig, SAETrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +31,11 @@ def tiny_config(lm_dir, workdir, **overrides):
     from experiments import sae_tiny
 
     cd = sae_tiny.get_config()
-    cd.lm_dir = lm_dir
+    cd.lm.dir = lm_dir
     cd.workdir = str(workdir)
     cd.progress_bar = False
-    cd.async_checkpoints = True
-    cd.eval_every = 1000  # only the final evaluation
+    cd.checkpoint.async_save = True
+    cd.eval.every = 1000  # only the final evaluation
     cd.update_from_flattened_dict(overrides)  # dotted keys, e.g. "sae.resample_steps"
     return cd
 
@@ -47,13 +48,13 @@ def run_script(args, **kw):
 
 def flags(lm_dir, workdir):
     return [f"{ROOT}/launch/train_sae.py", f"--config={ROOT}/experiments/sae_tiny.py",
-            f"--config.lm_dir={lm_dir}", f"--config.workdir={workdir}",
-            "--config.eval_every=1000", "--config.progress_bar=false"]
+            f"--config.lm.dir={lm_dir}", f"--config.workdir={workdir}",
+            "--config.eval.every=1000", "--config.progress_bar=false"]
 
 
 def params_of(workdir):
-    params, _, meta = load_sae(str(workdir))
-    return jax.tree.map(np.asarray, params), meta
+    bundle, record = load_sae(str(workdir))
+    return jax.tree.map(np.asarray, bundle.params), {"step": record.step}
 
 
 def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(lm_dir, tmp_path):
@@ -88,7 +89,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(lm_dir, tmp_path):
 def test_sigterm_saves_a_checkpoint_before_exit(lm_dir, tmp_path):
     work = tmp_path / "term"
     proc = run_script(flags(lm_dir, work) + ["--config.num_steps=100000",
-                                             "--config.checkpoint_every=100000"])
+                                             "--config.checkpoint.every=100000"])
     log = work / "metrics.jsonl"
     t0 = time.time()
     while not (log.exists() and log.read_text().count("\n") >= 2):
@@ -105,7 +106,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(lm_dir, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(lm_dir, tmp_path):
-    cd = tiny_config(lm_dir, tmp_path / "nan", **{"num_steps": 60, "checkpoint_every": 10})
+    cd = tiny_config(lm_dir, tmp_path / "nan", **{"num_steps": 60, "checkpoint.every": 10})
     cfg = from_config(SAETrainConfig, cd)
     train(cfg, stop_at=10)  # a good checkpoint at step 10
     cd.sae.lr = 1e30          # the next updates overflow
@@ -113,15 +114,15 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(lm_dir, tmp_pat
     # Resume with the bad optimiser settings: the first steps blow up the parameters.
     with pytest.raises(NonFiniteError, match="last good checkpoint is step 10"):
         train(bad)
-    params, _, meta = load_sae(str(tmp_path / "nan"))
+    params, meta = params_of(tmp_path / "nan")
     assert meta["step"] == 10
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
 def test_store_source_trains_on_the_same_activations(lm_dir, tmp_path):
     """Harvest, then train from the store == train on the LM's activations in that order."""
-    from saejax.activations import run_harvest
     from saejax.data.activation_store import ActivationStore
+    from saejax.harvest import run_harvest
     from saejax.sae.step import init_state, make_train_step
 
     hcfg = HarvestConfig(lm_dir=lm_dir, out_dir=str(tmp_path / "acts"), lm_batch_size=16,
@@ -129,10 +130,10 @@ def test_store_source_trains_on_the_same_activations(lm_dir, tmp_path):
     run_harvest(hcfg)
     store = ActivationStore.open(str(tmp_path / "acts"))
     assert store.metadata["plan"]["site"] == "blocks.0.mlp.post"
-    cd = tiny_config(lm_dir, tmp_path / "from_store", source="store",
-                     activation_store=str(tmp_path / "acts"), num_steps=8,
-                     **{"sae.resample_steps": (), "loader.shuffle": False,
-                        "loader.window_chunks": 1, "normalize": True})
+    cd = tiny_config(lm_dir, tmp_path / "from_store", num_steps=8,
+                     **{"source.kind": "store", "source.store_dir": str(tmp_path / "acts"),
+                        "sae.resample_steps": (), "source.shuffle": False,
+                        "source.window_chunks": 1, "source.normalize": True})
     cfg = from_config(SAETrainConfig, cd)
     summary = train(cfg)
     work = tmp_path / "from_store"
@@ -157,17 +158,18 @@ def test_store_source_trains_on_the_same_activations(lm_dir, tmp_path):
         batch = parallel.host_to_global(rows[j * 256:(j + 1) * 256] * np.float32(scale), mesh,
                                         ("batch", None))
         state, _ = step(state, batch)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(summary["params"]),
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(summary["bundle"].params),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_settings_fail_clearly(lm_dir, tmp_path):
     cd = tiny_config(lm_dir, tmp_path / "w", **{"sae.d_in": 32})
-    with pytest.raises(Exception, match="'sae.d_in' = 32 is invalid.*has width 64"):
+    with pytest.raises(ConfigError, match="'sae.d_in' = 32 is invalid.*has width 64"):
         train(from_config(SAETrainConfig, cd))
-    with pytest.raises(Exception, match="buffer_rows"):
-        from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "w", buffer_rows=1000))
+    with pytest.raises(ConfigError, match="buffer_rows"):
+        from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "w",
+                                                **{"source.buffer_rows": 1000}))
 
 
 def test_restore_on_another_mesh_equals_the_original_encode(lm_dir, tmp_path):
@@ -178,6 +180,7 @@ def test_restore_on_another_mesh_equals_the_original_encode(lm_dir, tmp_path):
     cfg = from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "r", num_steps=10,
                                                   **{"sae.resample_steps": ()}))
     summary = train(cfg)
+    summary["params"] = summary["bundle"].params
     base = restore_run(str(tmp_path / "r"))  # the training mesh (8, 1)
     tokens = base.store.read("val", 0, 8)[:, :32]
     acts = base.activations(tokens)

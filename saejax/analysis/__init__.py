@@ -1,17 +1,21 @@
 """Analysis of a trained dictionary: feature statistics, logit effects, ablation, plots,
 a static HTML dashboard, steering (pinned-feature sampling) and feature splitting.
 
-``report.analyze_run(sae_workdir)`` does all of it for a training run. Every entry point
-takes the LM (a ``Transformer`` or its ``(graphdef, params)``) and an
-:class:`~saejax.analysis.bundle.SAEBundle` (SAE parameters, config, site and the input
-normalisation constant ``norm_scale``). Results are plain JSON-serialisable structures.
+``report.analyze_run(sae_workdir)`` does all of it for a training run;
+``restore.restore_run(sae_workdir)`` gives the dictionary, its LM and tokenizer for your own
+analysis. Every entry point takes the LM (a ``Transformer`` or its ``(graphdef, params)``)
+and an :class:`~saejax.sae.bundle.SAEBundle` (parameters, config, input normaliser, site),
+whose ``encode`` / ``decode`` / ``splice`` / ``directions`` work in the LM's units. Results
+are plain JSON-serialisable structures.
 
-    stats = features.compute_feature_stats(model, sae, tokens, FeatureStatsConfig(),
+    bundle, record = load_sae("runs/demo/sae")
+    stats = features.compute_feature_stats(model, bundle, tokens, FeatureStatsConfig(),
                                            tokenizer=store.tokenizer())
     features.save_stats(stats, "runs/x/analysis/features.json")
     dashboard.write_dashboard(stats, "runs/x/analysis/dashboard", metrics_path=...)
 """
 
-from saejax.analysis.bundle import SAEBundle, load_sae, load_sae_run, save_sae
+from saejax.record import load_sae
+from saejax.sae.bundle import SAEBundle, load_bundle, save_bundle
 
-__all__ = ["SAEBundle", "load_sae", "load_sae_run", "save_sae"]
+__all__ = ["SAEBundle", "load_bundle", "load_sae", "save_bundle"]

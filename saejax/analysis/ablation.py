@@ -1,8 +1,8 @@
 """Feature ablation: the change in next-token log-likelihood when one feature is removed.
 
 For feature i and a context, the site's activations become ``acts - f_i(acts) * d_i`` at
-every position (in LM units: ``f_i`` is read in SAE units from ``acts * norm_scale`` and
-its decoder vector is divided by ``norm_scale``), everything downstream is recomputed, and
+every position (``f_i`` in SAE units from ``SAEBundle.encode``, ``d_i`` in LM units from
+``SAEBundle.directions``), everything downstream is recomputed, and
 the log-probability of each actual next token is compared with the clean run:
 
     delta[t] = log p_ablated(x[t+1] | x[:t+1]) - log p_clean(x[t+1] | x[:t+1])
@@ -22,10 +22,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
-from saejax.analysis.bundle import SAEBundle, split_lm
-from saejax.lm.model import forward
+from saejax.lm.model import forward, split_lm
 from saejax.lm.sites import Replace
-from saejax.sae.model import encode
+from saejax.sae.bundle import SAEBundle
 
 
 def _next_token_logp(logits: Float[Array, "P T V"], tokens: Int[Array, "P T"]
@@ -45,24 +44,22 @@ def make_clean_fn(graphdef, mesh):
     return jax.jit(run)
 
 
-def make_ablation_fn(graphdef, sae: SAEBundle, mesh):
-    """Jitted ``(lm_params, sae_params, tokens [P, T], feats [P]) -> (logp, fired)``.
+def make_ablation_fn(graphdef, site: str, mesh):
+    """Jitted ``(lm_params, sae, tokens [P, T], feats [P]) -> (logp, fired)``.
 
+    ``sae`` is an :class:`~saejax.sae.bundle.SAEBundle` reading ``site``.
     logp: [P, T-1] next-token log-likelihood with feature ``feats[p]`` removed from row p;
     fired: [P, T-1] whether that feature was active at the predicting position.
     """
-    site, config, scale = sae.site, sae.config, sae.norm_scale
     out = parallel.named_sharding(mesh, ("batch", None))
 
-    def run(lm_params, sae_params, tokens, feats):
+    def run(lm_params, sae, tokens, feats):
         seen = []  # the feature's clean activations, recorded while tracing the intervention
 
         def remove(_, acts):
-            P, T, D = acts.shape
-            f = encode(sae_params, acts.reshape(P * T, D).astype(jnp.float32) * scale, config)
-            fi = jnp.take_along_axis(f.reshape(P, T, -1), feats[:, None, None], axis=2)[..., 0]
+            fi = jnp.take_along_axis(sae.encode(acts), feats[:, None, None], axis=2)[..., 0]
             seen.append(fi)
-            d = sae_params.W_dec[feats] / scale  # [P, D]
+            d = sae.directions()[feats]  # [P, D], LM units
             return acts - fi[..., None] * d[:, None, :]
 
         logits = forward(graphdef, lm_params, tokens,
@@ -98,7 +95,7 @@ def ablation_effects(lm, sae: SAEBundle, tokens: np.ndarray, pairs: list[tuple[i
     if not pairs:
         return np.zeros((0, seq_len - 1), np.float32), np.zeros((0, seq_len - 1), bool)
     graphdef, lm_params = split_lm(lm)
-    sae_params = sae.on_mesh(mesh).params
+    sae_m = sae.on_mesh(mesh)
     lm_params = jax.device_put(lm_params, parallel.replicated(mesh))
     sharding = parallel.named_sharding(mesh, ("batch", None))
 
@@ -118,12 +115,12 @@ def ablation_effects(lm, sae: SAEBundle, tokens: np.ndarray, pairs: list[tuple[i
                             for (r,) in batches(rows)])[:len(rows)]
     clean_of = dict(zip(rows.tolist(), clean, strict=True))
 
-    fn = make_ablation_fn(graphdef, sae, mesh)
+    fn = make_ablation_fn(graphdef, sae.site, mesh)
     feats = np.asarray([p[0] for p in pairs], np.int32)
     prow = np.asarray([p[1] for p in pairs], np.int64)
     logps, fired = [], []
     for f, r in batches(feats, prow):
-        lp, fi = fn(lm_params, sae_params, put_rows(r),
+        lp, fi = fn(lm_params, sae_m, put_rows(r),
                     jax.device_put(f, parallel.named_sharding(mesh, ("batch",))))
         logps.append(np.asarray(lp))
         fired.append(np.asarray(fi))

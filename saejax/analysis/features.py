@@ -1,30 +1,20 @@
 """Feature statistics over held-out tokens: density, activations, contexts, logits, ablation.
 
-Two jitted passes over the same N held-out contexts, batched and sharded over "batch"
-(the running per-feature state is sharded over "latent"):
-
-* pass 1 counts firings (density), sums activations, histograms the L0 of every token and
-  keeps each feature's top-K activations with a running merge (``lax.top_k`` of the batch,
-  concatenated with the kept K, ``lax.top_k`` again), together with the feature's
-  activations on a window of W tokens around each kept token;
-* pass 2, knowing each feature's maximum, histograms its activations on [0, max] and draws
-  random samples from ``n_intervals`` equal-width activation intervals (the paper shows ~11):
-  every token gets a uniform random priority and each (feature, interval) keeps the S
-  highest priorities among its tokens, which is a uniform sample without replacement.
-
+The device work is two jitted, sharded passes over the same N held-out contexts
+(:mod:`saejax.analysis.feature_passes`: density, sums, L0, running top-K with context
+windows; per-feature histograms and samples from ``n_intervals`` activation intervals).
 Then, on the host: token windows (ids; strings via ``vocab``), logit effects
 (:mod:`saejax.analysis.logits`), the ablation effect on log-likelihood over each feature's
 top contexts (:mod:`saejax.analysis.ablation`), dead / ultralow-density / dense lists.
 
-Activations are in SAE units: the LM's site activations are multiplied by
-``sae.norm_scale`` before encoding (see :mod:`saejax.analysis.bundle`).
+Activations are in SAE units (:meth:`saejax.sae.bundle.SAEBundle.encode` applies the run's
+input normaliser to the LM's activations).
 
 The result is a plain dict of lists and numbers (JSON-serialisable, see
 :func:`save_stats`); its layout is documented on :func:`compute_feature_stats`.
 
-Legend: N contexts, B contexts per batch, T sequence, R = B*T token rows of a batch,
-D site width, F features, K top examples, I intervals, S samples per interval,
-W window tokens, H histogram bins.
+Legend: N contexts, T sequence, F features, K top examples, I intervals, S samples per
+interval, W window tokens, H histogram bins.
 """
 
 from __future__ import annotations
@@ -34,20 +24,18 @@ import json
 import math
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jaxtyping import Array, Float, Int
 
 from saejax import parallel
 from saejax.analysis import ablation, logits
-from saejax.analysis.bundle import SAEBundle, lm_module, split_lm
+from saejax.analysis.feature_passes import Pass1State, Pass2State, run_passes
 from saejax.config import MeshConfig, check, check_fraction, check_nonnegative, check_positive
-from saejax.lm.model import forward
-from saejax.sae.model import encode
+from saejax.lm.model import lm_module, split_lm
+from saejax.sae.bundle import SAEBundle
 
 STATS_FORMAT = 1
 
@@ -106,137 +94,6 @@ class FeatureStatsConfig:
         if self.ultralow_density is not None:
             check_positive("analysis.ultralow_density", self.ultralow_density)
         check_fraction("analysis.dense_threshold", self.dense_threshold)
-
-
-# ----------------------------------------------------------------------------------------
-# Device passes
-# ----------------------------------------------------------------------------------------
-
-
-class Pass1State(NamedTuple):
-    count: Int[Array, " F"]
-    act_sum: Float[Array, " F"]
-    l0_hist: Int[Array, " F1"]
-    top_val: Float[Array, "F K"]
-    top_pos: Int[Array, "F K"]
-    top_win: Float[Array, "F K W"]
-
-
-class Pass2State(NamedTuple):
-    hist: Int[Array, "F H"]
-    pri: Float[Array, "F I S"]
-    pos: Int[Array, "F I S"]
-    win: Float[Array, "F I S W"]
-
-
-def feature_fn(graphdef, sae: SAEBundle) -> Callable:
-    """``(lm_params, sae_params, tokens [B, T]) -> f [B*T, F]`` (traceable, SAE units)."""
-    site, config, scale = sae.site, sae.config, sae.norm_scale
-
-    def features(lm_params, sae_params, tokens):
-        (acts,) = forward(graphdef, lm_params, tokens, sites=(site,), logits=False).acts.values()
-        x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32) * scale
-        return encode(sae_params, x, config)
-
-    return features
-
-
-def _windows(f: Float[Array, "R F"], idx: Int[Array, "F ..."], seq_len: int, width: int,
-             before: int) -> Float[Array, "F ... W"]:
-    """Each feature's activations on the W-token window around its rows ``idx``.
-
-    The window starts ``before`` tokens earlier, shifted to stay inside the context.
-    """
-    t = idx % seq_len
-    start = jnp.clip(t - before, 0, seq_len - width)
-    rows = (idx - t + start)[..., None] + jnp.arange(width)
-    feat = jnp.arange(f.shape[1]).reshape((-1,) + (1,) * (rows.ndim - 1))
-    return f[rows, feat]
-
-
-def _merge(vals, pos, win, new_vals, new_pos, new_win):
-    """Keeps the K largest of two candidate sets along the last value axis."""
-    k = vals.shape[-1]
-    all_vals = jnp.concatenate([vals, new_vals], axis=-1)
-    keep_vals, sel = jax.lax.top_k(all_vals, k)
-    keep_pos = jnp.take_along_axis(jnp.concatenate([pos, new_pos], -1), sel, axis=-1)
-    all_win = jnp.concatenate([win, new_win], axis=-2)
-    keep_win = jnp.take_along_axis(all_win, sel[..., None], axis=-2)
-    return keep_vals, keep_pos, keep_win
-
-
-def _state_shardings(mesh, state_cls):
-    ndims = {Pass1State: (1, 1, 1, 2, 2, 3), Pass2State: (2, 3, 3, 4)}[state_cls]
-    shardings = [parallel.named_sharding(mesh, ("latent",) + (None,) * (n - 1)) for n in ndims]
-    if state_cls is Pass1State:
-        shardings[2] = parallel.replicated(mesh)  # the L0 histogram has no latent axis
-    return state_cls(*shardings)
-
-
-def make_pass1(graphdef, sae: SAEBundle, mesh, config: FeatureStatsConfig, seq_len: int,
-               width: int):
-    """Jitted ``(state, lm_params, sae_params, tokens, offset) -> state`` (state donated)."""
-    features = feature_fn(graphdef, sae)
-    k, before = config.top_k, config.window_before
-    shardings = _state_shardings(mesh, Pass1State)
-
-    def step(state: Pass1State, lm_params, sae_params, tokens, offset) -> Pass1State:
-        f = features(lm_params, sae_params, tokens)
-        fired = f > 0
-        l0 = jnp.sum(fired, axis=1, dtype=jnp.int32)
-        vals, idx = jax.lax.top_k(f.T, k)
-        win = _windows(f, idx, seq_len, width, before)
-        top = _merge(state.top_val, state.top_pos, state.top_win, vals, idx + offset, win)
-        return Pass1State(
-            count=state.count + jnp.sum(fired, axis=0, dtype=jnp.int32),
-            act_sum=state.act_sum + jnp.sum(f, axis=0),
-            l0_hist=state.l0_hist.at[l0].add(1),
-            top_val=top[0], top_pos=top[1], top_win=top[2])
-
-    return jax.jit(step, out_shardings=shardings, donate_argnums=0), shardings
-
-
-def make_pass2(graphdef, sae: SAEBundle, mesh, config: FeatureStatsConfig, seq_len: int,
-               width: int):
-    """Jitted ``(state, lm_params, sae_params, tokens, offset, max_act, key) -> state``."""
-    features = feature_fn(graphdef, sae)
-    n_int, n_bins, before = config.n_intervals, config.hist_bins, config.window_before
-    s = config.samples_per_interval
-    shardings = _state_shardings(mesh, Pass2State)
-
-    def step(state: Pass2State, lm_params, sae_params, tokens, offset, max_act, key
-             ) -> Pass2State:
-        f = features(lm_params, sae_params, tokens)
-        ft = f.T  # [F, R]: top_k reduces the last axis; transpose once, not per interval
-        fired = ft > 0
-        rel = ft / jnp.maximum(max_act, 1e-30)[:, None]
-        hbin = jnp.clip(jnp.floor(rel * n_bins).astype(jnp.int32), 0, n_bins - 1)
-        feat = jnp.broadcast_to(jnp.arange(ft.shape[0])[:, None], ft.shape)
-        hist = state.hist.at[feat, hbin].add(fired.astype(jnp.int32))
-        ibin = jnp.where(fired, jnp.clip(jnp.floor(rel * n_int).astype(jnp.int32), 0,
-                                         n_int - 1), -1)
-        # One priority per token (shared by all features): each (feature, interval) still
-        # gets a uniform sample of its own tokens; correlations across features are harmless.
-        u = jax.random.uniform(key, (1, ft.shape[1]))
-        cand_pri, cand_idx = [], []
-        for j in range(n_int):
-            v, i = jax.lax.top_k(jnp.where(ibin == j, u, -1.0), s)
-            cand_pri.append(v)
-            cand_idx.append(i)
-        pri = jnp.stack(cand_pri, axis=1)   # [F, I, S]
-        idx = jnp.stack(cand_idx, axis=1)
-        win = _windows(f, idx, seq_len, width, before)
-        pri, pos, win = _merge(state.pri, state.pos, state.win, pri, idx + offset, win)
-        return Pass2State(hist=hist, pri=pri, pos=pos, win=win)
-
-    return jax.jit(step, out_shardings=shardings, donate_argnums=0), shardings
-
-
-def _batches(tokens: np.ndarray, batch: int, mesh):
-    sharding = parallel.named_sharding(mesh, ("batch", None))
-    for b in range(tokens.shape[0] // batch):
-        rows = tokens[b * batch:(b + 1) * batch]
-        yield b, jax.device_put(np.ascontiguousarray(rows, np.int32), sharding)
 
 
 # ----------------------------------------------------------------------------------------
@@ -311,7 +168,7 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
 
     Args:
       lm: the LM (``Transformer`` or ``(graphdef, params)``).
-      sae: the dictionary, its site and ``norm_scale``.
+      sae: the dictionary (its site, input normaliser).
       tokens: int [N, T] held-out contexts (e.g. ``TokenStore.read("val", 0, N)``); the
         rows past the last whole batch are ignored, and so are the tokens past the LM's
         ``max_len``.
@@ -341,114 +198,108 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
     """
     say = progress or (lambda msg: logging.info("feature stats: %s", msg))
     mesh = mesh or parallel.make_mesh(MeshConfig())
+    tokens = _whole_batches(lm, tokens, config, mesh)
+    n_ctx, seq_len = tokens.shape
+    width = min(config.window_before + 1 + config.window_after, seq_len)
+    graphdef, lm_params = split_lm(lm)
+    lm_params = jax.device_put(lm_params, parallel.replicated(mesh))
+    s1, s2 = run_passes(graphdef, lm_params, sae.on_mesh(mesh), tokens, config, mesh, width)
+    n_tok = n_ctx * seq_len
+    say(f"passes done ({n_tok} tokens)")
+
+    density = s1.count / n_tok
+    le = logits.feature_logit_effects(lm, sae, k=config.n_logit_tokens, fold_ln=config.fold_ln)
+    say("logit effects done")
+    abl = {}
+    if config.ablation_contexts > 0:
+        pairs = _ablation_pairs(s1, density, config, seq_len)
+        abl = ablation.ablation_summary(lm, sae, tokens, pairs, batch_size=config.batch_size,
+                                        mesh=mesh)
+        say(f"ablation done ({len(pairs)} feature-context pairs)")
+    if vocab is None and tokenizer is not None:
+        vocab = token_strings(tokenizer, logits.unembedding(lm).shape[1])
+    feats = [_feature_record(i, tokens, s1, s2, density, le, abl, config, width)
+             for i in range(sae.n_features)]
+    return _assemble(sae, s1, density, config, n_ctx, seq_len, width, vocab, feats)
+
+
+def _whole_batches(lm, tokens: np.ndarray, config: FeatureStatsConfig, mesh) -> np.ndarray:
+    """The contexts that fill whole batches, cut to the LM's context; checks the config."""
     # Token stores pack max_len + 1 tokens per context (inputs and targets): keep what fits.
     tokens = np.asarray(tokens, np.int32)[:, :lm_module(lm).cfg.max_len]
     n_ctx, seq_len = tokens.shape
     batch = config.batch_size
     parallel.check_divisible("analysis.batch_size", batch, mesh, parallel.DATA)
-    n_batches = n_ctx // batch
-    check("analysis.batch_size", batch, n_batches >= 1,
+    check("analysis.batch_size", batch, n_ctx // batch >= 1,
           f"must be <= the number of contexts given ({n_ctx})")
     check("analysis.top_k", config.top_k, config.top_k <= batch * seq_len,
           f"must be <= tokens per batch ({batch * seq_len})")
     check("analysis.samples_per_interval", config.samples_per_interval,
           config.samples_per_interval <= batch * seq_len,
           f"must be <= tokens per batch ({batch * seq_len})")
-    tokens = tokens[:n_batches * batch]
-    n_ctx = tokens.shape[0]
-    width = min(config.window_before + 1 + config.window_after, seq_len)
-    F = sae.n_features
-    graphdef, lm_params = split_lm(lm)
-    sae_m = sae.on_mesh(mesh)
-    lm_params = jax.device_put(lm_params, parallel.replicated(mesh))
+    return tokens[:n_ctx // batch * batch]
 
-    # Pass 1: density, sums, L0, top-K.
-    step1, sh1 = make_pass1(graphdef, sae, mesh, config, seq_len, width)
-    K = config.top_k
-    state1 = jax.device_put(Pass1State(
-        count=np.zeros(F, np.int32), act_sum=np.zeros(F, np.float32),
-        l0_hist=np.zeros(F + 1, np.int32), top_val=np.full((F, K), -1.0, np.float32),
-        top_pos=np.full((F, K), -1, np.int32), top_win=np.zeros((F, K, width), np.float32)), sh1)
-    for b, tok in _batches(tokens, batch, mesh):
-        state1 = step1(state1, lm_params, sae_m.params, tok, np.int32(b * batch * seq_len))
-    s1 = jax.tree.map(np.asarray, state1)
-    n_tok = n_ctx * seq_len
-    say(f"pass 1 done ({n_tok} tokens)")
 
-    # Pass 2: histograms and interval samples on [0, max].
+def _ablation_pairs(s1: Pass1State, density: np.ndarray, config: FeatureStatsConfig,
+                    seq_len: int) -> list[tuple[int, int]]:
+    """(feature, context row) pairs: each alive feature's first distinct top contexts."""
+    alive = np.flatnonzero(s1.count > 0)
+    alive = alive[np.argsort(-density[alive], kind="stable")]
+    if config.ablation_max_features is not None:
+        alive = alive[:config.ablation_max_features]
+    pairs = []
+    for i in alive:
+        rows = []
+        for v, p in zip(s1.top_val[i], s1.top_pos[i], strict=True):
+            r = int(p) // seq_len
+            if v > 0 and r not in rows:
+                rows.append(r)
+            if len(rows) == config.ablation_contexts:
+                break
+        pairs += [(int(i), r) for r in rows]
+    return pairs
+
+
+def _feature_record(i: int, tokens: np.ndarray, s1: Pass1State, s2: Pass2State,
+                    density: np.ndarray, le: dict, abl: dict, config: FeatureStatsConfig,
+                    width: int) -> dict[str, Any]:
+    """One feature's entry of ``stats["features"]``."""
+    n_tok = tokens.size
+    max_act = np.maximum(s1.top_val[i, 0], np.float32(0.0))  # float32, like the pass
+    kept = zip(s1.top_val[i], s1.top_pos[i], s1.top_win[i], strict=True)
+    top = [_example(tokens, p, v, w, width, config.window_before) for v, p, w in kept if v > 0]
+    intervals = []
+    n_int = config.n_intervals
+    for j in range(n_int):
+        lo, hi = max_act * j / n_int, max_act * (j + 1) / n_int
+        drawn = zip(s2.pri[i, j], s2.pos[i, j], s2.win[i, j], strict=True)
+        ex = [_example(tokens, p, 0.0, w, width, config.window_before)
+              for pr, p, w in drawn if pr >= 0]
+        for e in ex:  # the example's own activation is its window's value at the centre
+            e["act"] = e["acts"][e["center"]]
+        ex.sort(key=lambda e: -e["act"])
+        intervals.append({"lo": _r(lo), "hi": _r(hi), "examples": ex})
+    return {
+        "id": i, "density": _r(density[i]), "mean_act": _r(s1.act_sum[i] / n_tok),
+        "max_act": _r(max_act), "top": top, "intervals": intervals,
+        "hist": {"lo": 0.0, "hi": _r(max_act), "counts": s2.hist[i].tolist()},
+        "logits": {side: [[int(t), _r(v)] for t, v in zip(le[f"{side}_ids"][i],
+                                                           le[f"{side}_values"][i], strict=True)]
+                   for side in ("top", "bottom")},
+        "ablation": abl.get(i),
+    }
+
+
+def _assemble(sae: SAEBundle, s1: Pass1State, density: np.ndarray, config: FeatureStatsConfig,
+              n_ctx: int, seq_len: int, width: int, vocab, feats: list[dict]) -> dict[str, Any]:
+    F, n_tok = sae.n_features, n_ctx * seq_len
     max_act = np.maximum(s1.top_val[:, 0], 0.0).astype(np.float32)
-    step2, sh2 = make_pass2(graphdef, sae, mesh, config, seq_len, width)
-    I, S = config.n_intervals, config.samples_per_interval  # noqa: E741
-    state2 = jax.device_put(Pass2State(
-        hist=np.zeros((F, config.hist_bins), np.int32), pri=np.full((F, I, S), -1.0, np.float32),
-        pos=np.full((F, I, S), -1, np.int32), win=np.zeros((F, I, S, width), np.float32)), sh2)
-    max_dev = jax.device_put(max_act, parallel.named_sharding(mesh, ("latent",)))
-    root = jax.random.key(config.seed)
-    for b, tok in _batches(tokens, batch, mesh):
-        state2 = step2(state2, lm_params, sae_m.params, tok, np.int32(b * batch * seq_len),
-                       max_dev, jax.random.fold_in(root, b))
-    s2 = jax.tree.map(np.asarray, state2)
-    say("pass 2 done")
-
-    density = s1.count / n_tok
-    mean_act = s1.act_sum / n_tok
     mean_active = np.where(s1.count > 0, s1.act_sum / np.maximum(s1.count, 1), 0.0)
     dead = np.flatnonzero(s1.count == 0)
     ul = config.ultralow_density or ultralow_threshold(density)
     ultralow = np.flatnonzero((density > 0) & (density < ul))
     dense = np.flatnonzero(density > config.dense_threshold)
-
-    le = logits.feature_logit_effects(lm, sae, k=config.n_logit_tokens, fold_ln=config.fold_ln)
-    say("logit effects done")
-
-    abl = {}
-    if config.ablation_contexts > 0:
-        alive = np.flatnonzero(s1.count > 0)
-        alive = alive[np.argsort(-density[alive], kind="stable")]
-        if config.ablation_max_features is not None:
-            alive = alive[:config.ablation_max_features]
-        pairs = []
-        for i in alive:
-            rows = []
-            for v, p in zip(s1.top_val[i], s1.top_pos[i], strict=True):
-                r = int(p) // seq_len
-                if v > 0 and r not in rows:
-                    rows.append(r)
-                if len(rows) == config.ablation_contexts:
-                    break
-            pairs += [(int(i), r) for r in rows]
-        abl = ablation.ablation_summary(lm, sae, tokens, pairs, batch_size=batch, mesh=mesh)
-        say(f"ablation done ({len(pairs)} feature-context pairs)")
-
-    feats = []
-    for i in range(F):
-        kept = zip(s1.top_val[i], s1.top_pos[i], s1.top_win[i], strict=True)
-        top = [_example(tokens, p, v, w, width, config.window_before) for v, p, w in kept if v > 0]
-        intervals = []
-        for j in range(I):
-            lo, hi = max_act[i] * j / I, max_act[i] * (j + 1) / I
-            drawn = zip(s2.pri[i, j], s2.pos[i, j], s2.win[i, j], strict=True)
-            ex = [_example(tokens, p, 0.0, w, width, config.window_before)
-                  for pr, p, w in drawn if pr >= 0]
-            for e in ex:  # the example's own activation is its window's value at the centre
-                e["act"] = e["acts"][e["center"]]
-            ex.sort(key=lambda e: -e["act"])
-            intervals.append({"lo": _r(lo), "hi": _r(hi), "examples": ex})
-        feats.append({
-            "id": i, "density": _r(density[i]), "mean_act": _r(mean_act[i]),
-            "max_act": _r(max_act[i]), "top": top, "intervals": intervals,
-            "hist": {"lo": 0.0, "hi": _r(max_act[i]), "counts": s2.hist[i].tolist()},
-            "logits": {side: [[int(t), _r(v)] for t, v in zip(le[f"{side}_ids"][i],
-                                                               le[f"{side}_values"][i],
-                                                               strict=True)]
-                       for side in ("top", "bottom")},
-            "ablation": abl.get(i),
-        })
-
-    if vocab is None and tokenizer is not None:
-        vocab = token_strings(tokenizer, logits.unembedding(lm).shape[1])
     last_l0 = int(np.max(np.flatnonzero(s1.l0_hist))) if s1.l0_hist.any() else 0
-    l0_values = np.arange(F + 1)
     return {
         "format": STATS_FORMAT,
         "meta": {"site": sae.site, "norm_scale": float(sae.norm_scale), "n_features": F,
@@ -456,14 +307,14 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                  "n_tokens": n_tok,
                  "window": {"before": config.window_before, "after": config.window_after,
                             "width": width},
-                 "top_k": K, "n_intervals": I,
+                 "top_k": config.top_k, "n_intervals": config.n_intervals,
                  "logit_mode": "fold_ln" if config.fold_ln else "direct",
                  "ultralow_threshold": ul, "dense_threshold": config.dense_threshold},
         "summary": {"alive": int(F - dead.size), "dead": int(dead.size),
                     "ultralow": int(ultralow.size), "dense": int(dense.size),
-                    "mean_l0": float(np.sum(l0_values * s1.l0_hist) / n_tok)},
+                    "mean_l0": float(np.sum(np.arange(F + 1) * s1.l0_hist) / n_tok)},
         "density": [float(x) for x in density],
-        "mean_act": [_r(x) for x in mean_act],
+        "mean_act": [_r(x) for x in s1.act_sum / n_tok],
         "mean_act_active": [_r(x) for x in mean_active],
         "max_act": [_r(x) for x in max_act],
         "dead": dead.tolist(), "ultralow": ultralow.tolist(), "dense": dense.tolist(),

@@ -12,7 +12,8 @@ multiplied by the LayerNorm scale gamma before W_U:
 
 Both drop the LayerNorm's data-dependent 1/sigma (a positive per-token factor, so the
 token ranking is unchanged by it) and its bias (the same for every feature). Effects are
-per unit of feature activation in SAE units, so they include the 1/norm_scale factor.
+per unit of feature activation in SAE units, so they start from the decoder vectors in the
+LM's units (``SAEBundle.directions``, which divides by the normalisation constant).
 
 Sites: "mlp.post" uses W_out of the site's layer; residual-stream-width sites ("mlp.out",
 "attn.out", "resid.*") use the decoder vector directly; "mlp.pre" has no linear path
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from saejax.analysis.bundle import SAEBundle, lm_module
+from saejax.lm.model import lm_module
 from saejax.lm.sites import canonical_site, site_layer_and_kind
+from saejax.sae.bundle import SAEBundle
 
 _RESIDUAL_KINDS = ("resid.pre", "attn.out", "resid.mid", "mlp.out", "resid.post")
 
@@ -40,7 +42,7 @@ def residual_directions(lm, sae: SAEBundle) -> Float[Array, "F D"]:
     """Each feature's effect on the residual stream per unit activation (LM units)."""
     model = lm_module(lm)
     layer, kind = site_layer_and_kind(canonical_site(sae.site, model.cfg.n_layers))
-    w_dec = jnp.asarray(sae.params.W_dec, jnp.float32) / sae.norm_scale
+    w_dec = sae.directions()
     if kind == "mlp.post":
         return w_dec @ model.blocks[layer].mlp.w_out[...].astype(jnp.float32)
     if kind in _RESIDUAL_KINDS:

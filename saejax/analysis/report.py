@@ -3,7 +3,7 @@
     paths = analyze_run("runs/sae/tiny", "runs/sae/tiny/analysis", n_contexts=256)
     # paths["dashboard"] -> index.html; paths["stats"] -> features.json
 
-Restores the dictionary (:func:`saejax.analysis.bundle.load_sae_run`) and its LM, reads
+Restores the dictionary and its run record (:func:`saejax.record.load_sae`) and its LM, reads
 ``n_contexts`` held-out contexts from the LM's token store, computes the feature
 statistics, saves them, and writes the dashboard with the density, L0 and training-curve
 plots.
@@ -18,8 +18,8 @@ from absl import logging
 
 from saejax import parallel
 from saejax.analysis import dashboard, features
-from saejax.analysis.bundle import load_sae_run
-from saejax.config import MeshConfig
+from saejax.config import ConfigError, MeshConfig
+from saejax.record import load_sae
 
 
 def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int = 256,
@@ -47,20 +47,25 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
     config = config or features.FeatureStatsConfig()
     out_dir = out_dir or os.path.join(sae_workdir, "analysis")
     mesh = parallel.make_mesh(MeshConfig())
-    sae, extra = load_sae_run(sae_workdir, step=step, mesh=mesh)
-    model, _ = load_lm(extra["lm_dir"], mesh=mesh)
-    store = TokenStore.open(extra["store_dir"])
+    sae, record = load_sae(sae_workdir, step=step, mesh=mesh)
+    if record.lm is None or record.lm.token_store is None:
+        raise ConfigError(f"SAE run {sae_workdir!r} was trained without a saejax LM: the "
+                          f"feature report needs the LM's contexts")
+    model, _ = load_lm(record.lm.dir, mesh=mesh)
+    store = TokenStore.open(record.lm.token_store)
     n = min(n_contexts, store.rows(split))
     tokens = store.read(split, 0, n)
-    logging.info("analysing %s (step %s) on %d %s contexts", sae_workdir, extra["step"], n, split)
+    logging.info("analysing %s (step %s) on %d %s contexts", sae_workdir, record.step, n, split)
     stats = features.compute_feature_stats(model, sae, tokens, config,
                                            tokenizer=store.tokenizer(), mesh=mesh)
-    stats["meta"].update(sae_workdir=os.path.abspath(sae_workdir), step=extra["step"],
-                         lm_dir=extra["lm_dir"])
+    stats["meta"].update(sae_workdir=os.path.abspath(sae_workdir), step=record.step,
+                         lm_dir=record.lm.dir)
     stats_path = os.path.join(out_dir, "features.json")
     features.save_stats(stats, stats_path)
+    metrics = os.path.join(sae_workdir, "metrics.jsonl")
     index = dashboard.write_dashboard(
-        stats, os.path.join(out_dir, "dashboard"), metrics_path=extra.get("metrics_path"),
+        stats, os.path.join(out_dir, "dashboard"),
+        metrics_path=metrics if os.path.isfile(metrics) else None,
         title=title or f"saejax features: {os.path.basename(os.path.abspath(sae_workdir))}")
     return {"stats": stats_path, "dashboard": index, "summary": stats["summary"],
             "meta": stats["meta"]}

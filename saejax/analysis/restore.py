@@ -7,7 +7,8 @@
 
 Everything numeric is one jitted function per shape, with token batches sharded over
 "batch" and the dictionary over "latent" (see :mod:`saejax.parallel`). Feature activations
-are in the SAE's (normalised) units; reconstructions in the LM's units.
+are in the SAE's (normalised) units; reconstructions in the LM's units (the bundle's
+``encode`` / ``decode`` apply the run's normaliser).
 
 Legend: B contexts, T tokens, D site width, F features.
 """
@@ -23,10 +24,10 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
-from saejax.analysis.bundle import SAEBundle, load_sae_run, split_lm
-from saejax.config import MeshConfig
-from saejax.lm.model import forward
-from saejax.sae import model as sae_model
+from saejax.config import ConfigError, MeshConfig
+from saejax.lm.model import forward, lm_module, split_lm
+from saejax.record import SAERunRecord, load_sae
+from saejax.sae.bundle import SAEBundle
 
 
 @dataclasses.dataclass
@@ -38,12 +39,11 @@ class Run:
     tokenizer: Any
     store: Any
     mesh: jax.sharding.Mesh
-    meta: dict
+    record: SAERunRecord
 
     def __post_init__(self):
         graphdef, self._lm_params = split_lm(self.lm)
-        site, cfg, scale = self.sae.site, self.sae.config, self.sae.norm_scale
-        self._batch = parallel.named_sharding(self.mesh, ("batch", None))
+        site = self.sae.site
         rows = parallel.named_sharding(self.mesh, ("batch", None))
 
         def acts_fn(lm_params, tokens):
@@ -52,9 +52,9 @@ class Run:
             return acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
 
         self._acts = jax.jit(acts_fn, out_shardings=rows)
-        self._encode = jax.jit(lambda p, x: sae_model.encode(p, x * scale, cfg),
+        self._encode = jax.jit(lambda sae, x: sae.encode(x),
                                out_shardings=parallel.named_sharding(self.mesh, ("batch", "latent")))
-        self._decode = jax.jit(lambda p, f: sae_model.decode(p, f, cfg) / scale, out_shardings=rows)
+        self._decode = jax.jit(lambda sae, f: sae.decode(f), out_shardings=rows)
 
     # -- activations ------------------------------------------------------------------
     def _global(self, tokens: np.ndarray) -> jax.Array:
@@ -69,11 +69,11 @@ class Run:
 
     def encode(self, acts: Float[Array, "N D"]) -> Float[Array, "N F"]:
         """Feature activations of LM activations (normalisation applied)."""
-        return self._encode(self.sae.params, jnp.asarray(acts, jnp.float32))
+        return self._encode(self.sae, jnp.asarray(acts, jnp.float32))
 
     def decode(self, f: Float[Array, "N F"]) -> Float[Array, "N D"]:
         """Reconstruction in the LM's units."""
-        return self._decode(self.sae.params, f)
+        return self._decode(self.sae, f)
 
     def features(self, tokens: Int[np.ndarray, "B T"]) -> Float[Array, "BT F"]:
         return self.encode(self.activations(tokens))
@@ -104,8 +104,6 @@ class Run:
 
     @property
     def lm_config(self):
-        from saejax.analysis.bundle import lm_module
-
         return lm_module(self.lm).cfg
 
 
@@ -122,7 +120,11 @@ def restore_run(workdir: str, *, mesh: jax.sharding.Mesh | None = None,
     from saejax.lm.restore import load_lm
 
     mesh = mesh or parallel.make_mesh(MeshConfig())
-    sae, extra = load_sae_run(workdir, step=step, mesh=mesh)
-    lm, _ = load_lm(extra["lm_dir"], mesh=mesh)
-    store = TokenStore.open(extra["store_dir"])
-    return Run(sae=sae, lm=lm, tokenizer=store.tokenizer(), store=store, mesh=mesh, meta=extra)
+    sae, record = load_sae(workdir, step=step, mesh=mesh)
+    if record.lm is None or record.lm.token_store is None:
+        raise ConfigError(f"SAE run {workdir!r} was trained without a saejax LM; restore its "
+                          f"dictionary with saejax.record.load_sae (encode / decode work "
+                          f"on activations) instead of restore_run")
+    lm, _ = load_lm(record.lm.dir, mesh=mesh)
+    store = TokenStore.open(record.lm.token_store)
+    return Run(sae=sae, lm=lm, tokenizer=store.tokenizer(), store=store, mesh=mesh, record=record)

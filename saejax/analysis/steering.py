@@ -3,13 +3,13 @@
 Two interventions at the dictionary's site, applied at every position while generating
 (:func:`saejax.lm.generate.generate`):
 
-* **clamp** (pin) feature i to ``value`` (SAE units): ``acts + (value - f_i(acts)) * d_i /
-  norm_scale``, i.e. the SAE's decomposition of the activations keeps everything but its
-  coefficient on d_i, which becomes ``value`` (:class:`saejax.lm.sites.Clamp` with a
-  feature reader). The paper pins a feature to a high value, e.g. a base64 feature makes the
-  model write base64.
-* **add** ``scale * d_i / norm_scale`` to the activations (:class:`saejax.lm.sites.Add`),
-  independent of what the feature reads.
+* **clamp** (pin) feature i to ``value`` (SAE units): ``acts + (value - f_i(acts)) * d_i``
+  with ``d_i`` the decoder vector in the LM's units (``SAEBundle.directions``), i.e. the
+  SAE's decomposition of the activations keeps everything but its coefficient on d_i,
+  which becomes ``value`` (:class:`saejax.lm.sites.Clamp` with a feature reader). The paper
+  pins a feature to a high value, e.g. a base64 feature makes the model write base64.
+* **add** ``scale * d_i`` to the activations (:class:`saejax.lm.sites.Add`), independent
+  of what the feature reads.
 
 Legend: B batch, T sequence, L generated length, D site width, F features, K tokens.
 """
@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from saejax.analysis.bundle import SAEBundle, lm_module, split_lm
 from saejax.lm.generate import generate
-from saejax.lm.model import forward
+from saejax.lm.model import forward, lm_module, split_lm
 from saejax.lm.sites import Add, Clamp, Intervention
+from saejax.normalize import Normalizer
+from saejax.sae.bundle import SAEBundle
 from saejax.sae.config import SAEConfig
-from saejax.sae.model import SAEParams, encode
+from saejax.sae.model import SAEParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +42,10 @@ class FeatureReader:
 
     config: SAEConfig
     feature: int
-    norm_scale: float = 1.0
+    normalizer: Normalizer = Normalizer()
 
     def __call__(self, params: SAEParams, acts: Float[Array, "B T D"]) -> Float[Array, "B T"]:
-        B, T, D = acts.shape
-        x = acts.reshape(B * T, D).astype(jnp.float32) * self.norm_scale
-        return encode(params, x, self.config)[:, self.feature].reshape(B, T)
+        return SAEBundle(params, self.config, self.normalizer).encode(acts)[..., self.feature]
 
 
 def _check_feature(sae: SAEBundle, feature: int) -> None:
@@ -58,17 +57,15 @@ def _check_feature(sae: SAEBundle, feature: int) -> None:
 def clamp_feature(sae: SAEBundle, feature: int, value: float) -> Clamp:
     """An intervention pinning ``feature`` to ``value`` (SAE units) at the SAE's site."""
     _check_feature(sae, feature)
-    direction = jnp.asarray(sae.params.W_dec[feature], jnp.float32) / sae.norm_scale
-    return Clamp(site=sae.site, direction=direction, value=jnp.float32(value),
-                 read_fn=FeatureReader(sae.config, feature, float(sae.norm_scale)),
+    return Clamp(site=sae.site, direction=sae.directions()[feature], value=jnp.float32(value),
+                 read_fn=FeatureReader(sae.config, feature, sae.normalizer),
                  read_params=sae.params)
 
 
 def add_feature(sae: SAEBundle, feature: int, scale: float) -> Add:
     """An intervention adding ``scale`` times the feature's decoder vector at every position."""
     _check_feature(sae, feature)
-    vector = jnp.asarray(sae.params.W_dec[feature], jnp.float32) / sae.norm_scale
-    return Add(site=sae.site, vector=vector, scale=jnp.float32(scale))
+    return Add(site=sae.site, vector=sae.directions()[feature], scale=jnp.float32(scale))
 
 
 def steering_intervention(sae: SAEBundle, feature: int, *, value: float | None = None,
@@ -138,7 +135,7 @@ def feature_activation(lm, sae: SAEBundle, tokens: Int[Array, "B T"], feature: i
     out = forward(graphdef, params, jnp.asarray(tokens, jnp.int32), sites=(sae.site,),
                   logits=False, interventions=interventions)
     (acts,) = out.acts.values()
-    return FeatureReader(sae.config, feature, float(sae.norm_scale))(sae.params, acts)
+    return FeatureReader(sae.config, feature, sae.normalizer)(sae.params, acts)
 
 
 def next_token_mass(lm, tokens: Int[Array, "B T"], token_ids: Int[Array, " K"],

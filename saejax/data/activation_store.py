@@ -32,6 +32,7 @@ from jaxtyping import Float
 
 from saejax.data.token_store import (CorruptStoreError, IncompleteStoreError, StoreExistsError,
                                      StoreError, read_metadata, write_json_atomic)
+from saejax.normalize import ActivationStats, Normalizer
 
 METADATA_FILE = "metadata.json"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -184,16 +185,13 @@ class ActivationStoreWriter:
             _wait_for(_record_path(self.directory, i), timeout, f"chunk {i}")
         meta = read_metadata(self.directory)
         records = [_read_record(self.directory, i) for i in range(self.n_chunks)]
-        n = sum(r["rows"] for r in records)
-        d = self.plan["d"]
-        mean_norm = sum(r["sum_norm"] for r in records) / n
-        meta["stats"] = {
-            "rows": n, "mean_norm": mean_norm,
-            "mean_sq_norm": sum(r["sum_sq_norm"] for r in records) / n,
-            "mean": (np.sum([r["sum"] for r in records], axis=0) / n).tolist(),
-            # Scale that makes E||x|| = sqrt(D) (the Feb 2024 update's normalisation).
-            "norm_scale": float(np.sqrt(d) / mean_norm) if mean_norm > 0 else 1.0,
-        }
+        stats = ActivationStats.from_sums(
+            sum(r["rows"] for r in records), sum(r["sum_norm"] for r in records),
+            sum(r["sum_sq_norm"] for r in records), np.sum([r["sum"] for r in records], axis=0))
+        # The scale that makes E||x|| = sqrt(D), for information (the run computes its own
+        # from these statistics, saejax.normalize); 1.0 for all-zero activations.
+        scale = Normalizer.from_stats(stats).scale if stats.mean_norm > 0 else 1.0
+        meta["stats"] = {**stats.to_dict(), "norm_scale": scale}
         meta["crc32"] = [r["crc32"] for r in records]
         meta["status"] = "complete"
         write_json_atomic(os.path.join(self.directory, METADATA_FILE), meta)
@@ -234,6 +232,17 @@ class ActivationStore:
     @property
     def stats(self) -> dict:
         return self.metadata["stats"]
+
+    def statistics(self) -> ActivationStats:
+        """The normalisation statistics merged from every chunk's commit record."""
+        return ActivationStats.from_dict(self.stats)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short identity of the store's contents (a hash of the chunk checksums)."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.metadata["crc32"]).encode()).hexdigest()[:16]
 
     def read_chunk(self, index: int) -> np.ndarray:
         """Chunk ``index`` as stored (float32 or bfloat16), after checking its crc32."""

@@ -16,16 +16,59 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import numpy as np
 from absl import logging
 
-from saejax.config import CorpusConfig, CorpusJobConfig, to_dict
+from saejax.config import check, check_choice, check_fraction, check_positive, to_dict
 from saejax.data import sources, token_store
-from saejax.data.tokenizer import load_tokenizer, make_tokenizer
+from saejax.data.tokenizer import TokenizerConfig, load_tokenizer, make_tokenizer
 
 _ENCODE_BATCH = 64  # documents per encode_batch call
 _MAX_LISTED = 100   # skipped-file names kept in the metadata
+
+
+CorpusSource = Literal["stdlib", "text", "jsonl"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """Corpus -> token store.
+
+    source: "stdlib" (the running Python's standard library source, the embedded default),
+      "text" (a directory, searched recursively, or a glob of text files) or "jsonl"
+      (a file or glob of JSON-lines files with a text field).
+    """
+
+    source: CorpusSource = "stdlib"
+    path: str | None = None
+    text_field: str = "text"
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    seed: int = 0
+    out_dir: str = "runs/corpus/stdlib"
+    chunk_mb: float = 16.0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_choice("corpus.source", self.source, get_args(CorpusSource))
+        if self.source in ("text", "jsonl"):
+            check("corpus.path", self.path, bool(self.path),
+                  f"must name a directory, file or glob when corpus.source={self.source!r}")
+        check("corpus.seq_len", self.seq_len, isinstance(self.seq_len, int) and self.seq_len >= 2,
+              "must be an integer >= 2 (tokens per context)")
+        check_fraction("corpus.val_fraction", self.val_fraction)
+        check_positive("corpus.chunk_mb", self.chunk_mb)
+        check("corpus.out_dir", self.out_dir, bool(self.out_dir), "must be a non-empty path")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusJobConfig:
+    """``launch/build_corpus.py``: everything needed to build a token store."""
+
+    corpus: CorpusConfig = CorpusConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
 
 
 def split_of(name: str, seed: int, val_fraction: float) -> str:

@@ -22,6 +22,7 @@ Legend: B global batch, b = hi - lo this process's rows of it, T tokens per cont
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from collections import OrderedDict
@@ -32,10 +33,29 @@ import jax
 import numpy as np
 
 from saejax import parallel
-from saejax.config import ConfigError, LoaderConfig
+from saejax.config import ConfigError, check_nonnegative, check_positive
 from saejax.data.token_store import TokenStore
 
 ReadRows = Callable[[int, int], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """Token-store loader. ``batch_size`` is global (all processes together)."""
+
+    batch_size: int = 64
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    window_chunks: int = 4
+    prefetch: int = 2
+
+    def __post_init__(self):
+        check_positive("loader.batch_size", self.batch_size)
+        if self.num_epochs is not None:
+            check_positive("loader.num_epochs", self.num_epochs)
+        check_positive("loader.window_chunks", self.window_chunks)
+        check_nonnegative("loader.prefetch", self.prefetch)
 
 
 class ChunkShuffleBatches(grain.MapDataset):

@@ -18,7 +18,10 @@ import sysconfig
 import threading
 from collections.abc import Iterator
 
-from saejax.config import CorpusConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the corpus module imports this one
+    from saejax.data.corpus import CorpusConfig
 
 # Directory names never read from the stdlib (tests and installed third-party code).
 _STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",

@@ -11,12 +11,39 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+import dataclasses
+from typing import Any, Literal, Protocol, get_args
 
-from saejax.config import ConfigError, TokenizerConfig
+from saejax.config import ConfigError, check, check_choice
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_INFO = "tokenizer_info.json"
+
+
+TokenizerKind = Literal["byte", "bpe", "file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer turns text into ids.
+
+    kind: "byte" (256 byte ids + end-of-text, no files), "bpe" (trained on the corpus with
+      HF ``tokenizers``, saved next to the token store) or "file" (a user's tokenizer.json).
+    """
+
+    kind: TokenizerKind = "bpe"
+    vocab_size: int = 4096
+    path: str | None = None
+    eot_token: str = "<|endoftext|>"
+
+    def __post_init__(self):
+        check_choice("tokenizer.kind", self.kind, get_args(TokenizerKind))
+        if self.kind == "bpe":
+            check("tokenizer.vocab_size", self.vocab_size, 258 <= self.vocab_size <= 1 << 20,
+                  "must be in [258, 1048576] for a BPE tokenizer (256 bytes + end-of-text + merges)")
+        if self.kind == "file":
+            check("tokenizer.path", self.path, bool(self.path),
+                  "must name a tokenizer.json when tokenizer.kind='file'")
 
 
 class Tokenizer(Protocol):

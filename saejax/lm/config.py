@@ -9,16 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-from saejax.config import (
-    DistributedConfig,
-    LoaderConfig,
-    MeshConfig,
-    check,
-    check_choice,
-    check_fraction,
-    check_nonnegative,
-    check_positive,
-)
+from saejax.config import (DistributedConfig, MeshConfig, check, check_choice, check_fraction,
+                           check_nonnegative, check_positive)
+from saejax.data.loader import LoaderConfig
 
 Activation = Literal["relu", "gelu", "gelu_new"]
 DType = Literal["float32", "bfloat16"]

@@ -288,6 +288,16 @@ def split_params(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model, nnx.Param)
 
 
+def split_lm(lm) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of a ``Transformer``, or an existing (graphdef, params) pair as is."""
+    return nnx.split(lm, nnx.Param) if isinstance(lm, nnx.Module) else tuple(lm)
+
+
+def lm_module(lm) -> Transformer:
+    """The ``Transformer`` of ``lm`` (merging a (graphdef, params) pair)."""
+    return lm if isinstance(lm, nnx.Module) else nnx.merge(*lm)
+
+
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: Int[Array, "B T"],
             **kwargs) -> Output:
     """Pure-function form of ``Transformer.__call__`` (for jit, grad and vmap)."""

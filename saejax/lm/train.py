@@ -4,8 +4,10 @@ The pure step ``train_step(state, tokens) -> (state, metrics)`` is jitted once a
 in/out shardings and the state donated; the host reads each step's metrics one step late so the
 device never waits. :func:`train` is the loop: it owns the loaders, the checkpointer and the
 metric writers, resumes from the latest checkpoint (params, optimizer state and loader
-position), stops with :class:`NonFiniteLossError` on a non-finite loss (leaving the last good
-checkpoint), and saves a checkpoint on SIGTERM/SIGINT before returning.
+position), stops with :class:`saejax.loop.NonFiniteError` on a non-finite loss (leaving the
+last good checkpoint), and saves a checkpoint on SIGTERM/SIGINT before returning. The host
+side of the loop (one-step-late reads, windows, signals, checkpoint cadence) is
+:mod:`saejax.loop`, shared with the SAE trainer.
 
 Legend: B batch, T sequence (tokens per row; the model sees T-1 inputs), V vocab.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -28,16 +29,12 @@ from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
-from saejax.checkpoint import Checkpointer, StopSignal, abstract_with_shardings, versions
-from saejax.config import replace, to_dict
+from saejax.checkpoint import Checkpointer, abstract_with_shardings, versions
+from saejax.config import ConfigError, replace, to_dict
 from saejax.lm.config import LMTrainConfig, ModelConfig, OptimConfig
 from saejax.lm.model import abstract_model, forward, init_params, param_shardings, split_params
+from saejax.loop import HostMetrics, NonFiniteError, run_steps
 from saejax.metrics import MetricWriter, ProgressBar
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the message names the last good checkpoint."""
-
 
 @struct.dataclass
 class TrainState:
@@ -102,10 +99,7 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, num_steps: 
     _, params = init_params(model_cfg, seed, p_shard)
     optimizer = make_optimizer(optim_cfg, num_steps)
     rep = parallel.replicated(mesh)
-    opt_shard = optax.tree_map_params(
-        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_shard,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    opt_shard = parallel.optimizer_shardings(optimizer, params, p_shard, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
                        opt_state=opt_state)
@@ -167,10 +161,10 @@ def resolve_model_config(model: ModelConfig, store) -> ModelConfig:
     if model.vocab_size == 0:
         model = replace(model, vocab_size=store.vocab_size)
     elif model.vocab_size < store.vocab_size:
-        raise ValueError(f"config field 'model.vocab_size' = {model.vocab_size} is invalid: "
+        raise ConfigError(f"config field 'model.vocab_size' = {model.vocab_size} is invalid: "
                          f"the token store has {store.vocab_size} token ids")
     if model.max_len < store.seq_len - 1:
-        raise ValueError(f"config field 'model.max_len' = {model.max_len} is invalid: must be >= "
+        raise ConfigError(f"config field 'model.max_len' = {model.max_len} is invalid: must be >= "
                          f"the store's seq_len - 1 ({store.seq_len - 1})")
     return model
 
@@ -197,7 +191,8 @@ def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any
       A summary: final step, last train loss, val loss, unigram baseline, tokens/s, seconds.
 
     Raises:
-      NonFiniteLossError: on a NaN/inf loss or gradient norm.
+      NonFiniteError: on a NaN/inf loss or gradient norm.
+      ConfigError: a model config that does not fit the token store.
     """
     from saejax.data.loader import TokenLoader  # noqa: PLC0415 - data layer only for training
     from saejax.data.token_store import TokenStore
@@ -236,85 +231,60 @@ def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any
 
     summary: dict[str, Any] = {"unigram_val": unigram["val_cross_entropy"], "val_loss": None,
                                "train_loss": None, "interrupted": None}
-    # Throughput is timed from the end of this run's first step (which includes compilation).
-    window = {"loss": 0.0, "n": 0, "timed": 0, "t": None, "tokens_per_s": 0.0}
 
-    def consume(step: int, metrics) -> None:
-        """Host side of step ``step``: finiteness check, logging, progress."""
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            ckpt.wait()
-            raise NonFiniteLossError(
-                f"non-finite training loss {m['loss']} (grad norm {m['grad_norm']}) at step "
-                f"{step}; stopping. The last good checkpoint is step {ckpt.latest_step()} in "
-                f"{ckpt.directory} (lower optim.lr or raise optim.warmup_steps and resume).")
-        summary["train_loss"] = m["loss"]
-        window["loss"] += m["loss"]
-        window["n"] += 1
-        now = time.perf_counter()
-        if window["t"] is None:
-            window["t"] = now
-        else:
-            window["timed"] += 1
-        done = step + 1
-        if done % config.log_every == 0 or done == end:
-            if window["timed"]:
-                window["tokens_per_s"] = window["timed"] * tokens_per_step / (now - window["t"])
-            scalars = {"train/loss": window["loss"] / window["n"], "train/lr": m["lr"],
-                       "train/grad_norm": m["grad_norm"],
-                       "perf/tokens_per_s": window["tokens_per_s"]}
-            writer.write_scalars(done, scalars)
-            shown = {"loss": scalars["train/loss"], "lr": m["lr"], "tok/s": window["tokens_per_s"]}
-            if summary["val_loss"] is not None:
-                shown["val"] = summary["val_loss"]
-            bar.update(done, shown)
-            window.update(loss=0.0, n=0, timed=0, t=now)
+    def report(done: int, avg: dict, last: dict, tokens_per_s: float) -> None:
+        scalars = {"train/loss": avg["loss"], "train/lr": last["lr"],
+                   "train/grad_norm": last["grad_norm"], "perf/tokens_per_s": tokens_per_s}
+        writer.write_scalars(done, scalars)
+        shown = {"loss": avg["loss"], "lr": last["lr"], "tok/s": tokens_per_s}
+        if summary["val_loss"] is not None:
+            shown["val"] = summary["val_loss"]
+        bar.update(done, shown)
 
-    def save(step: int) -> None:
-        ckpt.save(step, state, data_state={"train": train_loader.get_state()},
+    def stop_nonfinite(e: NonFiniteError) -> None:
+        ckpt.wait()
+        raise NonFiniteError(f"{e}; stopping. The last good checkpoint is step "
+                             f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr or "
+                             f"raise optim.warmup_steps and resume).") from None
+
+    host = HostMetrics(log_every=config.log_every, end=end, tokens_per_step=tokens_per_step,
+                       report=report, on_nonfinite=stop_nonfinite,
+                       finite_keys=("loss", "grad_norm"), what="training loss")
+
+    def step(i: int):
+        nonlocal state
+        state, metrics = fns.train_step(state, next(train_loader))
+        return metrics
+
+    def at_sync(done: int) -> None:
+        if done % config.eval_every == 0:
+            summary["val_loss"] = evaluate(fns, state.params, val_loader, eval_batches)
+            writer.write_scalars(done, {"val/loss": summary["val_loss"]})
+
+    def save(done: int) -> None:
+        ckpt.save(done, state, data_state={"train": train_loader.get_state()},
                   metadata=metadata)
 
-    pending = None
     try:
-        with StopSignal() as stop:
-            for step in range(start, end):
-                if stop.signum is not None:
-                    break
-                state, metrics = fns.train_step(state, next(train_loader))
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, metrics)
-                done = step + 1
-                if done % config.checkpoint_every == 0 or done % config.eval_every == 0:
-                    consume(*pending)  # never checkpoint or evaluate unchecked state
-                    pending = None
-                    if done % config.eval_every == 0:
-                        summary["val_loss"] = evaluate(fns, state.params, val_loader, eval_batches)
-                        writer.write_scalars(done, {"val/loss": summary["val_loss"]})
-                    if done % config.checkpoint_every == 0:
-                        save(done)
-            if pending is not None:
-                consume(*pending)
-                pending = None
-            final = int(jax.device_get(state.step))
-            if stop.signum is not None:
-                summary["interrupted"] = signal.Signals(stop.signum).name
-                logging.warning("%s received: saving a checkpoint at step %d before exit",
-                                summary["interrupted"], final)
-            if final not in ckpt.all_steps():
-                save(final)
+        result = run_steps(start, end, step=step, metrics=host,
+                           checkpoint_every=config.checkpoint_every, save=save,
+                           saved_steps=ckpt.all_steps,
+                           current_step=lambda: int(jax.device_get(state.step)),
+                           sync_at=lambda done: done % config.eval_every == 0, at_sync=at_sync)
+        final, summary["interrupted"] = result.final_step, result.interrupted
+        summary["train_loss"] = host.last.get("loss")
         needs_eval = summary["val_loss"] is None or final % config.eval_every
         if needs_eval and summary["interrupted"] is None:  # exit promptly when asked to stop
             summary["val_loss"] = evaluate(fns, state.params, val_loader, eval_batches)
             writer.write_scalars(final, {"val/loss": summary["val_loss"]})
         bar.update(final, {"loss": summary["train_loss"] or math.nan,
                            "val": summary["val_loss"] or math.nan,
-                           "tok/s": window["tokens_per_s"]}, force=True)
+                           "tok/s": host.tokens_per_s}, force=True)
     finally:
         ckpt.close()
         writer.close()
         bar.close()
-    summary.update(step=final, tokens_per_s=window["tokens_per_s"],
+    summary.update(step=final, tokens_per_s=host.tokens_per_s,
                    seconds=time.perf_counter() - t_start)
     logging.info("done at step %d: train %.4f, val %.4f nats/token (unigram %.4f)", final,
                  summary["train_loss"] or math.nan, summary["val_loss"] or math.nan,

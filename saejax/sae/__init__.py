@@ -4,34 +4,39 @@ Knows nothing about the LM: it consumes [B, D] activation batches. Public API:
 
 - :class:`SAEConfig` (``config``), the architecture / dead-strategy registry (``registry``);
 - ``step``: :class:`TrainState`, :func:`init_state`, :func:`make_train_step`,
-  :func:`check_finite`, :func:`should_resample`, :func:`abstract_state`, :func:`state_shardings`;
+  :func:`should_resample`, :func:`abstract_state`, :func:`state_shardings`;
+- ``bundle``: :class:`SAEBundle`, a trained dictionary with its input normalisation
+  (encode / decode / splice in the input's units);
 - ``resample``: :func:`make_resample` (the paper's neuron resampling);
 - ``synthetic`` / ``metrics``: ground-truth data and dictionary-recovery metrics;
 - ``memory``: :func:`estimate_memory`.
+
+Names are imported on first use (PEP 562), so ``import saejax.sae.config`` stays light:
+it imports neither optax nor the train step.
 """
 
-from saejax.sae import registry
-from saejax.sae.config import SAEConfig
-from saejax.sae.memory import estimate_memory
-from saejax.sae.model import SAEParams
-from saejax.sae.resample import make_resample
-from saejax.sae.step import (
-    NonFiniteError,
-    TrainState,
-    abstract_state,
-    check_finite,
-    init_state,
-    make_train_step,
-    should_resample,
-    state_shardings,
-)
+import importlib
+
+_EXPORTS = {
+    "SAEConfig": "saejax.sae.config",
+    "SAEParams": "saejax.sae.model",
+    "SAEBundle": "saejax.sae.bundle",
+    "estimate_memory": "saejax.sae.memory",
+    "make_resample": "saejax.sae.resample",
+    "TrainState": "saejax.sae.step",
+    "abstract_state": "saejax.sae.step",
+    "init_state": "saejax.sae.step",
+    "make_dead_strategy": "saejax.sae.step",
+    "make_train_step": "saejax.sae.step",
+    "should_resample": "saejax.sae.step",
+    "state_shardings": "saejax.sae.step",
+}
+__all__ = sorted([*_EXPORTS, "registry"])
 
 
-def make_dead_strategy(config: SAEConfig, mesh):
-    """The configured dead-feature strategy: ``fn(state, sample_inputs) -> (state, info)``."""
-    return registry.get_dead_strategy(config.dead_strategy)(config, mesh)
-
-
-__all__ = ["NonFiniteError", "SAEConfig", "SAEParams", "TrainState", "abstract_state", "check_finite",
-           "estimate_memory", "init_state", "make_dead_strategy", "make_resample", "make_train_step",
-           "registry", "should_resample", "state_shardings"]
+def __getattr__(name):
+    if name == "registry":
+        return importlib.import_module("saejax.sae.registry")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'saejax.sae' has no attribute {name!r}")

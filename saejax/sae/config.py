@@ -82,18 +82,19 @@ class SAEConfig:
     seed: int = 0
 
     def __post_init__(self):
-        # Imported here: the registry imports the architecture modules, which import this one.
+        # The registry imports nothing heavy; looking up an architecture imports its module
+        # (jax only), never the train step or optax.
         from saejax.sae import registry
 
         check_positive("sae.d_in", self.d_in)
         check_positive("sae.n_features", self.n_features)
         check_choice("sae.architecture", self.architecture, registry.architecture_names())
         check_choice("sae.dead_strategy", self.dead_strategy, registry.dead_strategy_names())
+        arch = registry.get_architecture(self.architecture)
         check_nonnegative("sae.l1_coefficient", self.l1_coefficient)
         check("sae.k", self.k, isinstance(self.k, int) and self.k >= 1, "must be an integer >= 1")
-        if self.architecture == "topk":
-            check("sae.k", self.k, self.k <= self.n_features,
-                  f"must be <= sae.n_features={self.n_features} for architecture 'topk'")
+        if arch.check is not None:
+            arch.check(self)
         check_positive("sae.lr", self.lr)
         check_fraction("sae.adam_b1", self.adam_b1)
         check_fraction("sae.adam_b2", self.adam_b2)
@@ -116,8 +117,9 @@ class SAEConfig:
         check_nonnegative("sae.aux_coefficient", self.aux_coefficient)
         check_positive("sae.aux_candidates", self.aux_candidates)
         if self.aux_k > 0:
-            check("sae.aux_k", self.aux_k, self.architecture == "topk",
-                  f"AuxK is defined for architecture 'topk', not {self.architecture!r}")
+            names = ", ".join(repr(n) for n in registry.auxk_architectures())
+            check("sae.aux_k", self.aux_k, arch.supports_auxk,
+                  f"AuxK is defined for architecture {names}, not {self.architecture!r}")
             check("sae.aux_k", self.aux_k, self.aux_k <= min(self.aux_candidates, self.n_features),
                   f"must be <= sae.aux_candidates={self.aux_candidates} and "
                   f"sae.n_features={self.n_features}")

@@ -15,7 +15,7 @@ step costs exactly five B x D x F matmuls: two forward, dW_dec, df, dW_enc. The 
 the tied bias through the encoder is sum_b(d_pre) @ W_enc, a vector-matrix product,
 where autodiff would spend a sixth full matmul on d_x_bar.
 
-Where the [B, F] intermediates live decides the matmul speed on XLA:CPU: a product that
+On XLA:CPU, where the [B, F] intermediates live decides the matmul speed: a product that
 contracts the *leading* axis of a big operand (f^T d_xhat and d_pre^T x_bar when they are
 [B, F]) runs ~20% slower than one that contracts a trailing axis, and a transposed copy of
 a [B, F] array costs ~17 ms at 4,096^2 (2-core CPU, jax 0.10: 122 vs 100 ms per matmul at
@@ -24,7 +24,16 @@ B = F = 4,096, D = 512). Architectures whose activation acts on each pre-activat
 intermediates, where all five products contract a trailing axis and only [F, D] / [D, B]
 arrays (8 MB) are ever transposed; the others (TopK, whose top-k runs along features)
 keep batch-major [B, F], where ``lax.top_k`` works on the trailing axis. Both layouts
-compute the same numbers (tests check both against autodiff).
+compute the same numbers (tests check both against autodiff). These layout tricks (and the
+optimization barriers that keep XLA from undoing them) are XLA:CPU-specific measurements,
+so they apply only when jax's default backend is the CPU (:func:`cpu_layout`); GPU and TPU
+compilers pick their own layouts for the plain batch-major program.
+
+One definition of the loss: :func:`per_input_loss` (encode, decode, the architecture's
+penalty) is what resampling evaluates and what autodiff differentiates;
+:func:`forward_backward` is its fast hand-written gradient. :func:`check_backward`
+compares the two for every architecture before its first train step is built, so a new
+architecture whose activation or penalty breaks the hand-written backward fails at once.
 
 Legend: B batch, D input width, F features.
 """
@@ -33,6 +42,8 @@ from __future__ import annotations
 
 import functools
 from typing import NamedTuple
+
+import numpy as np
 
 import flax.struct
 import jax
@@ -80,7 +91,12 @@ def _kaiming_uniform(key: Array, shape: tuple[int, int], fan_in: int) -> Float[A
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-def unit_rows(w: Float[Array, "F D"]) -> Float[Array, "M N"]:
+def cpu_layout() -> bool:
+    """True when the XLA:CPU layout tricks apply (jax's default backend is the CPU)."""
+    return jax.default_backend() == "cpu"
+
+
+def unit_rows(w: Float[Array, "F D"]) -> Float[Array, "F D"]:
     """Scales each row to unit L2 norm (rows of norm 0 stay 0)."""
     norm = jnp.linalg.norm(w, axis=-1, keepdims=True)
     return w / jnp.maximum(norm, _NORM_EPS)
@@ -103,14 +119,14 @@ def init_params(key: Array, config: SAEConfig, b_dec: Float[Array, " D"]) -> SAE
                      b_dec=jnp.asarray(b_dec, jnp.float32).reshape(d))
 
 
-def encode(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Float[Array, "M N"]:
+def encode(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Float[Array, "B F"]:
     """Feature activations f for inputs x."""
     arch = get_architecture(config.architecture)
     pre = _mm(x - params.b_dec, params.W_enc, config.precision, contract=(1, 1)) + params.b_enc
     return arch.activation(pre, config)
 
 
-def decode(params: SAEParams, f: Float[Array, "B F"], config: SAEConfig) -> Float[Array, "M N"]:
+def decode(params: SAEParams, f: Float[Array, "B F"], config: SAEConfig) -> Float[Array, "B D"]:
     """Reconstruction x_hat from features f."""
     return _mm(f, params.W_dec, config.precision) + params.b_dec
 
@@ -135,7 +151,8 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
       x: a 2-D float32 batch.
       config: SAE config (architecture, precision, coefficients).
       feature_major: run with [F, B] intermediates (see the module docstring); None takes
-        the architecture's ``feature_major``. Both layouts give the same result.
+        the architecture's ``feature_major`` on the CPU backend and batch-major [B, F]
+        elsewhere. Both layouts give the same result.
       stale: per feature, steps since it last fired; with ``config.aux_k > 0`` the AuxK
         loss (over features with ``stale >= config.dead_window``) joins the loss and its
         gradient. It is skipped (a ``lax.cond``) while no feature is dead.
@@ -147,7 +164,7 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     """
     arch = get_architecture(config.architecture)
     if feature_major is None:
-        feature_major = arch.feature_major
+        feature_major = arch.feature_major and cpu_layout()
     p = config.precision
     b, d = x.shape
     # "_l" arrays are [F, B] when feature-major, else [B, F]; ``view`` gives their [B, F]
@@ -156,7 +173,7 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     view = (lambda z: z.T) if feature_major else (lambda z: z)  # noqa: E731
     bax = 1 if feature_major else 0
 
-    def by_features(a: Float[Array, "B D"], w: Float[Array, "F D"]) -> Float[Array, "M N"]:
+    def by_features(a: Float[Array, "B D"], w: Float[Array, "F D"]) -> Float[Array, "F B"] | Float[Array, "B F"]:
         """a @ w^T in the intermediates' layout (contracts D, the trailing axis of both)."""
         return _mm(w, a, p, contract=(1, 1)) if feature_major else _mm(a, w, p, contract=(1, 1))
 
@@ -206,6 +223,48 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
                    x_hat=x_hat, grads=grads)
 
 
-def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "M N"]:
+def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "F D"]:
     """Removes from each dictionary vector's gradient its component along that (unit) vector."""
     return grad_wdec - jnp.sum(grad_wdec * w_dec, axis=-1, keepdims=True) * w_dec
+
+
+_CHECKED: set[tuple[str, bool]] = set()
+
+
+def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Checks :func:`forward_backward` against ``jax.grad`` of :func:`per_input_loss`.
+
+    Runs once per architecture (and layout) per process, on a small random float32 problem
+    shaped like ``config`` (k, coefficients and the architecture kept; D 8, F >= 16,
+    B 32), in the layout the train step will use. This keeps the one loss definition and
+    its hand-written gradient from diverging for any registered architecture.
+
+    Raises:
+      RuntimeError: the loss or a gradient differs; the message names the architecture.
+    """
+    arch = get_architecture(config.architecture)
+    feature_major = arch.feature_major and cpu_layout()
+    if (arch.name, feature_major) in _CHECKED:
+        return
+    import dataclasses
+
+    d, f = 8, max(16, 2 * config.k)
+    cfg = dataclasses.replace(config, d_in=d, n_features=f, precision="f32", aux_k=0)
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(32, d).astype(np.float32) + 0.5)
+    params = init_params(jax.random.PRNGKey(1), cfg, jnp.full((d,), 0.1, jnp.float32))
+    params = params.replace(b_enc=jnp.asarray(rng.randn(f).astype(np.float32) * 0.1))
+    out = forward_backward(params, x, cfg, feature_major=feature_major)
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(per_input_loss(p, x, cfg)))(params)
+    pairs = [("loss", out.loss, loss)] + [(k, getattr(out.grads, k), getattr(grads, k))
+                                          for k in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    for name, got, want in pairs:
+        got, want = np.asarray(got), np.asarray(want)
+        if not np.allclose(got, want, rtol=rtol, atol=atol):
+            err = float(np.max(np.abs(got - want)))
+            raise RuntimeError(
+                f"SAE architecture {arch.name!r}: the hand-written backward "
+                f"(model.forward_backward, feature_major={feature_major}) disagrees with "
+                f"autodiff of model.per_input_loss in {name} (max abs difference {err:.3g}); "
+                f"its activation or penalty breaks an assumption of the shared backward")
+    _CHECKED.add((arch.name, feature_major))

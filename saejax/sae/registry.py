@@ -4,16 +4,19 @@ An *architecture* is an activation function ``pre -> f`` plus a per-input sparsi
 ``f -> [B]``; the shared model code (:mod:`saejax.sae.model`) owns the tied pre-encoder
 bias, the five matmuls, the unit-norm decoder and the gradients, and differentiates the
 activation and penalty with ``jax.vjp``. A new activation (JumpReLU, Gated, ...) is one
-module that calls :func:`register_architecture`.
+module that calls :func:`register_architecture`; every registered architecture's
+hand-written backward is checked against autodiff of :func:`saejax.sae.model.per_input_loss`
+(:func:`saejax.sae.model.check_backward`) before its first train step is built.
 
 A *dead-feature strategy* is a factory ``(config, mesh) -> fn(state, sample_inputs) ->
 (state, info)`` that the training loop calls at the scheduled steps. The paper's neuron
 resampling is :mod:`saejax.sae.resample`; "none" leaves the state alone. A remedy that is
 a loss term inside every step instead (AuxK, :mod:`saejax.sae.auxk`) is switched on by
-``SAEConfig.aux_k`` and works alongside any strategy.
+``SAEConfig.aux_k`` for the architectures that declare ``supports_auxk``.
 
-Built-in modules register themselves on import; lookups import them lazily so that
-``saejax.sae.config`` can validate names without an import cycle.
+This module imports nothing heavy: built-in architectures (jax only) are imported on the
+first lookup of an architecture, a built-in dead-feature strategy (optax, the train step)
+only when it is looked up by name, so validating a config never imports the step.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-_BUILTIN_MODULES = ("saejax.sae.relu", "saejax.sae.topk", "saejax.sae.resample")
+# Built-in entries register themselves when their module is imported.
+_BUILTIN_ARCHITECTURES = {"relu": "saejax.sae.relu", "topk": "saejax.sae.topk"}
+_BUILTIN_DEAD_STRATEGIES = {"resample": "saejax.sae.resample"}
 
 # pre [B, F] f32, config -> f [B, F] f32
 ActivationFn = Callable[[Any, Any], Any]
@@ -43,9 +48,12 @@ class Architecture:
         (use straight-through estimators via custom_vjp where needed).
       penalty: ``(f [B, F], config) -> [B]`` sparsity loss per input, or None for none.
       feature_major: True if the activation acts on each pre-activation alone (no
-        reduction across features, unlike top-k); the step then keeps its [B, F]
-        intermediates feature-major, where all five matmuls run at full speed on
-        XLA:CPU (see :mod:`saejax.sae.model`). Only speed depends on it.
+        reduction across features, unlike top-k); on XLA:CPU the step then keeps its
+        [B, F] intermediates feature-major (see :mod:`saejax.sae.model`). Only speed
+        depends on it.
+      supports_auxk: the AuxK loss (``SAEConfig.aux_k``) is defined for it.
+      check: ``config -> None``, raises ``ConfigError`` for settings this architecture
+        cannot use (e.g. TopK's k > n_features); called by ``SAEConfig``.
 
     Features are non-negative in every architecture: "fires" means f > 0 throughout saejax.
     """
@@ -54,19 +62,27 @@ class Architecture:
     activation: ActivationFn
     penalty: PenaltyFn | None = None
     feature_major: bool = False
+    supports_auxk: bool = False
+    check: Callable[[Any], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadStrategy:
+    """A dead-feature remedy run by the loop after the steps in ``SAEConfig.resample_steps``.
+
+    Attributes:
+      name: registry key (``SAEConfig.dead_strategy``).
+      factory: ``(config, mesh) -> fn(state, sample_inputs) -> (state, info)``.
+      scheduled: False for a strategy that never runs (then the loop draws no samples).
+    """
+
+    name: str
+    factory: DeadStrategyFactory
+    scheduled: bool = True
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
-_DEAD_STRATEGIES: dict[str, DeadStrategyFactory] = {}
-_loaded = False
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for name in _BUILTIN_MODULES:
-            importlib.import_module(name)
+_DEAD_STRATEGIES: dict[str, DeadStrategy] = {}
 
 
 def register_architecture(arch: Architecture) -> Architecture:
@@ -77,36 +93,43 @@ def register_architecture(arch: Architecture) -> Architecture:
     return arch
 
 
-def register_dead_strategy(name: str, factory: DeadStrategyFactory) -> DeadStrategyFactory:
+def register_dead_strategy(name: str, factory: DeadStrategyFactory, *,
+                           scheduled: bool = True) -> DeadStrategyFactory:
     """Adds a dead-feature strategy factory under ``name``."""
-    if name in _DEAD_STRATEGIES and _DEAD_STRATEGIES[name] is not factory:
+    if name in _DEAD_STRATEGIES and _DEAD_STRATEGIES[name].factory is not factory:
         raise ValueError(f"dead-feature strategy {name!r} is already registered")
-    _DEAD_STRATEGIES[name] = factory
+    _DEAD_STRATEGIES[name] = DeadStrategy(name, factory, scheduled)
     return factory
 
 
 def architecture_names() -> list[str]:
-    _load_builtins()
-    return sorted(_ARCHITECTURES)
+    return sorted(set(_BUILTIN_ARCHITECTURES) | set(_ARCHITECTURES))
 
 
 def dead_strategy_names() -> list[str]:
-    _load_builtins()
-    return sorted(_DEAD_STRATEGIES)
+    return sorted(set(_BUILTIN_DEAD_STRATEGIES) | set(_DEAD_STRATEGIES))
+
+
+def _lookup(kind: str, name: str, table: dict, builtins: dict[str, str]):
+    if name not in table and name in builtins:
+        importlib.import_module(builtins[name])
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r}; registered: "
+                       f"{sorted(set(table) | set(builtins))}")
+    return table[name]
 
 
 def get_architecture(name: str) -> Architecture:
-    _load_builtins()
-    if name not in _ARCHITECTURES:
-        raise KeyError(f"unknown SAE architecture {name!r}; registered: {sorted(_ARCHITECTURES)}")
-    return _ARCHITECTURES[name]
+    return _lookup("SAE architecture", name, _ARCHITECTURES, _BUILTIN_ARCHITECTURES)
 
 
-def get_dead_strategy(name: str) -> DeadStrategyFactory:
-    _load_builtins()
-    if name not in _DEAD_STRATEGIES:
-        raise KeyError(f"unknown dead-feature strategy {name!r}; registered: {sorted(_DEAD_STRATEGIES)}")
-    return _DEAD_STRATEGIES[name]
+def get_dead_strategy(name: str) -> DeadStrategy:
+    return _lookup("dead-feature strategy", name, _DEAD_STRATEGIES, _BUILTIN_DEAD_STRATEGIES)
+
+
+def auxk_architectures() -> list[str]:
+    """Names of the architectures that support AuxK (imports the built-in ones)."""
+    return sorted(n for n in architecture_names() if get_architecture(n).supports_auxk)
 
 
 def _no_dead_strategy(config: Any, mesh: Any) -> Callable[[Any, Any], tuple[Any, dict[str, Any]]]:
@@ -119,4 +142,4 @@ def _no_dead_strategy(config: Any, mesh: Any) -> Callable[[Any, Any], tuple[Any,
     return keep
 
 
-register_dead_strategy("none", _no_dead_strategy)
+register_dead_strategy("none", _no_dead_strategy, scheduled=False)

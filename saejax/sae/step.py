@@ -4,14 +4,15 @@ The state is one pytree (params, Adam state, last-fired step per feature, root R
 step). The latent axis of everything per-feature (W_enc rows, b_enc, W_dec rows,
 their Adam moments, last_fired) is sharded over the mesh's "latent" rule; batches over
 "batch". ``make_train_step`` jits once with explicit in/out shardings and donates the state.
+The step reports ``metrics["nonfinite"]`` and keeps its state on such a batch; the loop's
+host-side guard (:func:`saejax.loop.check_finite`) turns that into an error.
 
 Legend: B batch, D input width, F features.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -23,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from saejax.config import ConfigError
-from saejax.parallel import check_divisible, named_sharding, replicated
-from saejax.sae import model
+from saejax.parallel import check_divisible, named_sharding, optimizer_shardings, replicated
+from saejax.sae import model, registry
 from saejax.sae.config import SAEConfig
 from saejax.sae.geometric_median import geometric_median
 from saejax.sae.model import PARAM_AXES, SAEParams
@@ -32,10 +33,6 @@ from saejax.sae.model import PARAM_AXES, SAEParams
 BATCH_AXES = ("batch", "d_in")
 # Metrics whose value is per feature; every other metric is a replicated scalar.
 PER_FEATURE_METRICS = ("feature_counts",)
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or a gradient was NaN/Inf; the step kept the previous parameters."""
 
 
 @flax.struct.dataclass
@@ -84,11 +81,8 @@ def _abstract_params(config: SAEConfig) -> SAEParams:
 
 def opt_state_shardings(config: SAEConfig, mesh: Mesh, opt: optax.GradientTransformation | None = None) -> Any:
     """Adam-state shardings derived from the parameter shardings (moments = their param's)."""
-    opt = opt or make_optimizer(config)
-    abstract = jax.eval_shape(opt.init, _abstract_params(config))
-    return optax.tree_utils.tree_map_params(
-        opt, lambda _, sharding: sharding, abstract, param_shardings(mesh),
-        transform_non_params=lambda _: replicated(mesh))
+    return optimizer_shardings(opt or make_optimizer(config), _abstract_params(config),
+                               param_shardings(mesh), mesh)
 
 
 def state_shardings(config: SAEConfig, mesh: Mesh) -> TrainState:
@@ -198,12 +192,15 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
         total_var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
         b = x.shape[0]
         dead = (step_next - new_state.last_fired) >= config.dead_window
+        l1_rows = jnp.sum(jnp.abs(out.f), axis=-1)
+        if model.cpu_layout():
+            # Same per-input sums as the ReLU penalty's; on XLA:CPU the barrier stops XLA
+            # from merging them into one [B, F] reduction, so both share one pass over f.
+            l1_rows = jax.lax.optimization_barrier(l1_rows)
         metrics = {
             "loss": out.loss,
             "mse": out.mse,
-            # Same per-input sums as the ReLU penalty's; the barrier stops XLA from merging
-            # them into one [B, F] reduction, so both share one pass over f, not two.
-            "l1": jnp.mean(jax.lax.optimization_barrier(jnp.sum(jnp.abs(out.f), axis=-1))),
+            "l1": jnp.mean(l1_rows),
             "sparsity_loss": out.penalty,
             "aux_loss": out.aux_loss,
             "l0": jnp.sum(counts) / b,
@@ -229,8 +226,11 @@ def make_train_step(config: SAEConfig, mesh: Mesh
 
     Raises:
       ConfigError: n_features does not split over the mesh.
+      AssertionError: the architecture's hand-written backward disagrees with autodiff of
+        its loss (:func:`saejax.sae.model.check_backward`, once per architecture).
     """
     check_mesh(config, mesh)
+    model.check_backward(config)
     step = train_step_fn(config, make_optimizer(config))
     s_sh = state_shardings(config, mesh)
     b_sh = named_sharding(mesh, BATCH_AXES)
@@ -254,19 +254,12 @@ def make_train_step(config: SAEConfig, mesh: Mesh
     return train_step
 
 
-def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-    """Host-side guard: raises NonFiniteError if the step at ``step`` saw NaN/Inf.
-
-    Call it on the metrics fetched (one step late) by the loop, before saving a checkpoint.
-    The step already refused the update, so the state still holds the last good parameters.
-    """
-    bad = bool(np.asarray(metrics["nonfinite"]))
-    loss = float(np.asarray(metrics["loss"]))
-    if bad or not math.isfinite(loss):
-        raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={loss}); the update was "
-                             "not applied. Check the input batch (NaN/Inf activations) and the learning rate.")
-
-
 def should_resample(config: SAEConfig, step: int) -> bool:
     """True if the dead-feature strategy runs after ``step`` completed steps."""
-    return config.dead_strategy != "none" and int(step) in config.resample_steps
+    return int(step) in config.resample_steps and \
+        registry.get_dead_strategy(config.dead_strategy).scheduled
+
+
+def make_dead_strategy(config: SAEConfig, mesh: Mesh):
+    """The configured dead-feature strategy: ``fn(state, sample_inputs) -> (state, info)``."""
+    return registry.get_dead_strategy(config.dead_strategy).factory(config, mesh)

@@ -3,7 +3,7 @@
 Written as a registry entry to show the seam: the shared model code supplies the tied
 bias, matmuls, unit-norm decoder and gradients. The gradient flows to the k kept
 pre-activations only (the threshold is a stop-gradient). AuxK, which gives dead latents a
-gradient again, lives in the shared model code (``SAEConfig.aux_k``).
+gradient again, lives in the shared model code (``SAEConfig.aux_k``; ``supports_auxk`` here).
 
 Legend: B batch, F features.
 """
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from saejax.config import check
 from saejax.sae.registry import Architecture, register_architecture
 
 
@@ -29,4 +30,10 @@ def topk_activation(pre: Float[Array, "B F"], config) -> Float[Array, "B F"]:
     return jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
 
 
-TOPK = register_architecture(Architecture(name="topk", activation=topk_activation, penalty=None))
+def check_topk(config) -> None:
+    check("sae.k", config.k, config.k <= config.n_features,
+          f"must be <= sae.n_features={config.n_features} for architecture 'topk'")
+
+
+TOPK = register_architecture(Architecture(name="topk", activation=topk_activation, penalty=None,
+                                          supports_auxk=True, check=check_topk))

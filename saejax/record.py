@@ -1,0 +1,150 @@
+"""The SAE run record: what a trained dictionary is, saved with every checkpoint, and its loader.
+
+:class:`SAERunRecord` is the typed metadata of an SAE training run: its config, the site it
+reads, the identity of the LM checkpoint and of the activation data, the input normaliser
+with the statistics it came from, and library versions. The training loop writes it into
+every checkpoint's JSON metadata; :func:`load_sae` reads it back with the dictionary, onto
+any mesh, for analysis. Nothing here imports the training loop.
+
+    bundle, record = load_sae("runs/demo/sae")      # SAEBundle (encode/decode/splice) + record
+    record.lm.dir, record.site, record.normalizer.scale, record.step
+
+Legend: F features, D input width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from saejax import parallel
+from saejax.config import ConfigError, MeshConfig, from_config, to_dict
+from saejax.normalize import ActivationStats, Normalizer
+from saejax.sae.bundle import SAEBundle
+from saejax.train_config import SAETrainConfig
+
+RECORD_FORMAT = 2
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class LMIdentity:
+    """The LM checkpoint a run used.
+
+    Attributes:
+      dir: the LM training workdir (absolute), or a local HF GPT-2 directory.
+      step: its checkpoint step (None for HF directories).
+      token_store: the token store it trained on (tokenizer, evaluation contexts).
+      store_fingerprint: that store's settings fingerprint.
+    """
+
+    dir: str
+    step: int | None = None
+    token_store: str | None = None
+    store_fingerprint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SAERunRecord:
+    """Typed metadata of an SAE run (saved with each checkpoint; see module docstring).
+
+    Attributes:
+      config: the run's config.
+      site: the canonical site the dictionary reads ("blocks.0.mlp.post"), or None when
+        the activations name none.
+      lm: the LM checkpoint, or None for a run without an LM.
+      data: identity of the activation source (kind, store directory and fingerprint, ...).
+      normalizer: what the inputs were multiplied by.
+      stats: the activation statistics the normaliser came from (LM units).
+      versions: library versions of the run.
+      step: the checkpoint step this record was read from (None when not read from one).
+    """
+
+    config: SAETrainConfig
+    site: str | None
+    lm: LMIdentity | None
+    data: dict[str, Any]
+    normalizer: Normalizer
+    stats: ActivationStats
+    versions: dict[str, str]
+    step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": RECORD_FORMAT, "config": to_dict(self.config), "site": self.site,
+                "lm": None if self.lm is None else dataclasses.asdict(self.lm),
+                "data": self.data, "normalizer": self.normalizer.to_dict(),
+                "stats": self.stats.to_dict(), "versions": self.versions}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, step: int | None = None,
+                  where: str = "the checkpoint") -> SAERunRecord:
+        """Parses :meth:`to_dict`'s output.
+
+        Raises:
+          ConfigError: a record of another format (runs written before it was typed).
+        """
+        if d.get("format") != RECORD_FORMAT:
+            raise ConfigError(f"{where} holds an SAE run record of format {d.get('format')!r}; "
+                              f"this saejax reads format {RECORD_FORMAT} (runs trained before "
+                              f"the typed run record must be re-trained)")
+        return cls(config=from_config(SAETrainConfig, d["config"]), site=d["site"],
+                   lm=None if d["lm"] is None else LMIdentity(**d["lm"]), data=d["data"],
+                   normalizer=Normalizer.from_dict(d["normalizer"]),
+                   stats=ActivationStats.from_dict(d["stats"]), versions=d["versions"],
+                   step=step)
+
+
+def _checkpointer(workdir: str):
+    from saejax.checkpoint import Checkpointer
+
+    return Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False)
+
+
+def load_record(workdir: str, *, step: int | None = None) -> SAERunRecord:
+    """The run record of ``workdir``'s checkpoint ``step`` (default latest); no arrays read.
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``workdir``.
+    """
+    ckpt = _checkpointer(workdir)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
+        meta = ckpt.restore_metadata(step)
+    finally:
+        ckpt.close()
+    return SAERunRecord.from_dict(meta, step=step, where=f"{workdir!r} step {step}")
+
+
+def load_sae(workdir: str, *, step: int | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> tuple[SAEBundle, SAERunRecord]:
+    """Restores a trained dictionary onto ``mesh`` (any shape; default all devices, data-parallel).
+
+    Only the SAE's train state is read: the shuffle buffer saved beside it is laid out for
+    the training mesh and not needed.
+
+    Returns:
+      (bundle, record): an :class:`~saejax.sae.bundle.SAEBundle` (parameters sharded for
+      ``mesh``, config, normaliser, site) and the run's :class:`SAERunRecord`.
+    """
+    from saejax.sae.step import abstract_state
+
+    mesh = mesh or parallel.make_mesh(MeshConfig())
+    ckpt = _checkpointer(workdir)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
+        record = SAERunRecord.from_dict(ckpt.restore_metadata(step), step=step,
+                                        where=f"{workdir!r} step {step}")
+        abstract = {"sae": abstract_state(record.config.sae, mesh)}
+        state, _, _ = ckpt.restore(abstract, step, partial=True)
+    finally:
+        ckpt.close()
+    bundle = SAEBundle(params=state["sae"].params, config=record.config.sae,
+                       normalizer=record.normalizer, site=record.site)
+    return bundle, record

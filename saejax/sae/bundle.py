@@ -1,0 +1,153 @@
+"""A trained dictionary with its input normalisation: encode, decode and splice in input units.
+
+The SAE is trained on activations multiplied by a constant (:class:`saejax.normalize.Normalizer`).
+:class:`SAEBundle` is the one place that applies it, so callers (the training loop's
+evaluation, every analysis module) pass activations in the units they come in (the LM's)
+and get reconstructions back in those units:
+
+    f      = bundle.encode(acts)          = encode(params, c * acts)        SAE units
+    x_hat  = bundle.decode(f)             = decode(params, f) / c           input units
+    x_hat, f = bundle.splice(acts)
+    effect of feature i at activation v   = v * bundle.directions()[i]      input units
+
+Feature activations are always in the SAE's units. The bundle is a pytree (parameters are
+leaves; config, normaliser and site are static), so it can be an argument of a jitted
+function: ``jax.jit(lambda sae, x: sae.encode(x))(bundle, acts)``.
+
+:meth:`SAEBundle.folded` returns the same dictionary with the constant folded into the
+parameters (W_enc c, W_dec / c, b_dec / c) and an identity normaliser: it reads raw
+activations directly (for export to tools that know no normalisation) and encodes and
+decodes the same values up to float rounding.
+
+:func:`save_bundle` / :func:`load_bundle` are a small, self-describing export (one ``.npz``
+holding the four arrays and a JSON header) for moving a dictionary between tools; a
+training run's checkpoints are restored with :func:`saejax.record.load_sae`.
+
+Legend: N rows (any leading shape), D input width, F features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from saejax import parallel
+from saejax.config import check, from_config, to_dict
+from saejax.normalize import Normalizer
+from saejax.sae import model
+from saejax.sae.config import SAEConfig
+from saejax.sae.model import PARAM_AXES, SAEParams
+
+
+@flax.struct.dataclass
+class SAEBundle:
+    """A dictionary ready for use: parameters, config, input normaliser, site label.
+
+    Attributes:
+      params: SAE parameters (``W_enc``/``W_dec`` [F, D], feature-major).
+      config: the SAE config it was trained with (architecture, precision, ...).
+      normalizer: what the training inputs were multiplied by (identity = none).
+      site: the activation site it reads, e.g. "blocks.0.mlp.post"; None when it was
+        trained on activations that name no site (then nothing can splice it into an LM).
+    """
+
+    params: SAEParams
+    config: SAEConfig = flax.struct.field(pytree_node=False)
+    normalizer: Normalizer = flax.struct.field(pytree_node=False, default=Normalizer())
+    site: str | None = flax.struct.field(pytree_node=False, default=None)
+
+    def __post_init__(self):
+        w = self.params.W_dec
+        if hasattr(w, "shape"):  # pytree operations may rebuild the bundle with other leaves
+            shape = tuple(w.shape)
+            check("sae.params.W_dec", shape, shape == (self.config.n_features, self.config.d_in),
+                  f"must have shape (n_features, d_in) = "
+                  f"({self.config.n_features}, {self.config.d_in})")
+
+    @property
+    def n_features(self) -> int:
+        return self.config.n_features
+
+    @property
+    def norm_scale(self) -> float:
+        """The normalisation constant c (inputs are multiplied by it)."""
+        return self.normalizer.scale
+
+    def encode(self, acts: Float[Array, "*N D"]) -> Float[Array, "*N F"]:
+        """Feature activations (SAE units) of activations in input units."""
+        x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
+        f = model.encode(self.params, self.normalizer.apply(x), self.config)
+        return f.reshape(acts.shape[:-1] + (f.shape[-1],))
+
+    def decode(self, f: Float[Array, "*N F"]) -> Float[Array, "*N D"]:
+        """Reconstruction in input units of feature activations."""
+        flat = f.reshape(-1, f.shape[-1])
+        x_hat = self.normalizer.invert(model.decode(self.params, flat, self.config))
+        return x_hat.reshape(f.shape[:-1] + (x_hat.shape[-1],))
+
+    def splice(self, acts: Float[Array, "*N D"]
+               ) -> tuple[Float[Array, "*N D"], Float[Array, "*N F"]]:
+        """(reconstruction in input units, features): what replaces a site in the LM."""
+        f = self.encode(acts)
+        return self.decode(f), f
+
+    def directions(self) -> Float[Array, "F D"]:
+        """Each feature's decoder vector in input units (the effect of activation 1)."""
+        return self.normalizer.invert(jnp.asarray(self.params.W_dec, jnp.float32))
+
+    def folded(self) -> SAEBundle:
+        """The normaliser folded into the parameters: W_enc c, W_dec / c, b_dec / c.
+
+        encode(c x) with (W_enc, b_dec) = encode(x) with (c W_enc, b_dec / c), since
+        (c x - b_dec) W_enc^T = (x - b_dec / c) (c W_enc)^T; and decode(f) / c =
+        f (W_dec / c) + b_dec / c. The folded decoder rows are no longer unit norm.
+        """
+        c, p = self.normalizer.scale, self.params
+        params = SAEParams(W_enc=p.W_enc * c, b_enc=p.b_enc, W_dec=p.W_dec / c, b_dec=p.b_dec / c)
+        return dataclasses.replace(self, params=params, normalizer=Normalizer())
+
+    def on_mesh(self, mesh: jax.sharding.Mesh) -> SAEBundle:
+        """The bundle with its parameters placed on ``mesh`` (latent axis over "model")."""
+        placed = {name: jax.device_put(getattr(self.params, name),
+                                       parallel.named_sharding(mesh, getattr(PARAM_AXES, name)))
+                  for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        return dataclasses.replace(self, params=SAEParams(**placed))
+
+
+EXPORT_FORMAT = 2
+_ARRAYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def save_bundle(path: str, bundle: SAEBundle, extra: dict[str, Any] | None = None) -> None:
+    """Writes ``bundle`` to ``path`` (an ``.npz``): arrays plus a JSON header, atomically."""
+    header = {"format": EXPORT_FORMAT, "config": to_dict(bundle.config), "site": bundle.site,
+              "normalizer": bundle.normalizer.to_dict(), "extra": extra or {}}
+    arrays = {name: np.asarray(getattr(bundle.params, name), np.float32) for name in _ARRAYS}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, header=np.asarray(json.dumps(header)), **arrays)
+    os.replace(tmp, path)
+
+
+def load_bundle(path: str) -> tuple[SAEBundle, dict[str, Any]]:
+    """Reads a file written by :func:`save_bundle`; returns (bundle, extra metadata)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no SAE export at {path!r} (write one with "
+                                f"saejax.sae.bundle.save_bundle)")
+    with np.load(path) as data:
+        header = json.loads(str(data["header"]))
+        if header.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{path!r}: unsupported SAE export format {header.get('format')!r} "
+                             f"(this saejax reads format {EXPORT_FORMAT})")
+        params = SAEParams(**{k: np.asarray(data[k]) for k in _ARRAYS})
+    bundle = SAEBundle(params=params, config=from_config(SAEConfig, header["config"], prefix="sae"),
+                       normalizer=Normalizer.from_dict(header["normalizer"]), site=header["site"])
+    return bundle, header.get("extra", {})
