@@ -14,7 +14,7 @@ RUNS   ?= runs
 # step and page faults otherwise dominate its elementwise passes (~3x, benchmarks/RESULTS.md).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: venv demo test test-slow test-all bench lint clean
+.PHONY: venv demo test test-slow test-all browsers bench lint clean
 
 define install
 	@test -n "$(PYTHON)" || { echo "saejax needs Python >= 3.11 (python3.11 or python3.12 on PATH)"; exit 1; }
@@ -38,11 +38,17 @@ demo: $(BASE)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
+# The slow tests; the dashboard test in headless Chromium skips unless `make browsers`
+# has installed chromium and chromedriver.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Chromium and its WebDriver for the slow dashboard test (Debian/Ubuntu, as root).
+browsers:
+	apt-get update && apt-get install -y chromium chromium-driver
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py

@@ -41,7 +41,8 @@ def get_config(run: str = "a1") -> ml_collections.ConfigDict:
         l1_coefficient=4e-3, k=32, lr=1e-4, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
         precision="f32", resample_steps=(25_000, 50_000, 75_000, 100_000), dead_window=12_500,
         resample_sample_size=819_200, resample_chunk_size=8_192, resample_encoder_scale=0.2,
-        dense_threshold=0.01, geometric_median_iters=100, seed=0))
+        dense_threshold=0.01, aux_k=0, aux_coefficient=1 / 32, aux_candidates=1024,
+        geometric_median_iters=100, seed=0))
     c.lm = ml_collections.ConfigDict(dict(
         dir=ml_collections.FieldReference("runs/lm/paper", field_type=str), site="mlp.post"))
     c.source = source()

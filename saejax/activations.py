@@ -21,7 +21,7 @@ Sources:
 * :class:`StoreSource` (``"store"``): a harvested activation store, windowed chunk shuffle,
   every chunk verified when read;
 * ``"arrays"``: .npy files (or arrays in memory) written once into an activation store by
-  :func:`write_array_store`, then a :class:`StoreSource`.
+  :func:`saejax.data.arrays.write_array_store`, then a :class:`StoreSource`.
 
 Legend: B batch rows, T sequence, D activation width, S sample rows.
 """
@@ -29,21 +29,18 @@ Legend: B batch rows, T sequence, D activation width, S sample rows.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
 from saejax.buffer import ShuffleBuffer
-from saejax.config import ConfigError
 from saejax.data.loader import ActivationLoader, LoaderConfig, TokenLoader
 from saejax.normalize import ActivationStats
 
@@ -155,9 +152,10 @@ class OnTheFlySource:
         self.lm, self.mesh, self.width = lm, mesh, lm.width
         loader = LoaderConfig(batch_size=lm_batch_size, seed=seed, shuffle=shuffle,
                               num_epochs=None, window_chunks=window_chunks, prefetch=prefetch)
-        self.tokens = TokenLoader(lm.store, "train", loader, mesh)
-        self.sample_tokens = TokenLoader(lm.store, "train",
-                                         dataclasses.replace(loader, seed=seed + 1), mesh)
+        field = "source.lm_batch_size"
+        self.tokens = TokenLoader(lm.store, "train", loader, mesh, batch_field=field)
+        self.sample_tokens = TokenLoader(lm.store, "train", dataclasses.replace(loader, seed=seed + 1),
+                                         mesh, batch_field=field)
         self.buffer = ShuffleBuffer(mesh, buffer_rows, lm.width, batch_size, seed=seed)
         self._n_contexts, self._lm_batch = norm_sample_contexts, lm_batch_size
         self._served: int | None = None  # host mirror of the buffer's served counter
@@ -238,10 +236,10 @@ class StoreSource:
                  kind: str = "store"):
         loader = LoaderConfig(batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=None,
                               window_chunks=window_chunks, prefetch=prefetch)
-        self.acts = ActivationLoader(store, loader, mesh)
+        self.acts = ActivationLoader(store, loader, mesh, batch_field="batch_size")
         self.store = self.acts.store
         self.samples = ActivationLoader(self.store, dataclasses.replace(loader, seed=seed + 1),
-                                        mesh)
+                                        mesh, batch_field="batch_size")
         self.width, self.kind = self.store.d, kind
 
     def identity(self) -> dict:
@@ -277,133 +275,3 @@ class StoreSource:
     def set_state(self, state: dict) -> None:
         self.acts.set_state(state["acts"])
         self.samples.set_state(state["sample"])
-
-
-# ---------------------------------------------------------------------------------------
-# Bring your own activations: arrays -> an activation store
-# ---------------------------------------------------------------------------------------
-
-
-def expand_paths(spec: str) -> list[str]:
-    """Files named by a path, a glob, or several separated by commas (each glob sorted).
-
-    Raises:
-      FileNotFoundError: a part matches no file.
-    """
-    out = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        found = sorted(glob.glob(os.path.expanduser(part)))
-        if not found:
-            raise FileNotFoundError(f"no .npy file matches {part!r}")
-        out += found
-    if not out:
-        raise FileNotFoundError(f"no .npy files named by {spec!r}")
-    return out
-
-
-def _open_arrays(arrays) -> tuple[list[np.ndarray], list[dict]]:
-    """(arrays, descriptions): .npy files memory-mapped, in-memory arrays as they are."""
-    if isinstance(arrays, str):
-        arrays = expand_paths(arrays)
-    if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
-        arrays = [arrays]
-    out, desc = [], []
-    for i, a in enumerate(arrays):
-        if isinstance(a, (str, os.PathLike)):
-            path = os.path.abspath(os.fspath(a))
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"cannot read activations from {path!r} as a .npy array: "
-                                  f"{e}") from None
-            st = os.stat(path)
-            desc.append({"path": path, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                         "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-        else:
-            arr = np.asarray(a)
-            desc.append({"array": i, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                         "crc32": _crc_of(arr)})
-        if arr.ndim != 2 or not arr.shape[0] or not arr.shape[1]:
-            raise ConfigError(f"activations {desc[-1].get('path', f'array {i}')} have shape "
-                              f"{arr.shape}: expected rows [N, D] with N, D > 0")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ConfigError(f"activations {desc[-1].get('path', f'array {i}')} have dtype "
-                              f"{arr.dtype}: expected floating-point rows")
-        out.append(arr)
-    widths = {a.shape[1] for a in out}
-    if len(widths) != 1:
-        raise ConfigError(f"the activation arrays have different widths {sorted(widths)}")
-    return out, desc
-
-
-def _crc_of(arr: np.ndarray) -> int:
-    import zlib
-
-    return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8))
-
-
-def _rows(arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of the arrays laid end to end."""
-    parts, offset = [], 0
-    for a in arrays:
-        lo, hi = max(start - offset, 0), min(stop - offset, len(a))
-        if lo < hi:
-            parts.append(np.asarray(a[lo:hi], np.float32))
-        offset += len(a)
-    return np.concatenate(parts)
-
-
-def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "float32",
-                      chunk_mb: float = 16.0, site: str | None = None,
-                      overwrite: bool = False):
-    """Writes activations (arrays or .npy files, rows [N, D]) into an activation store.
-
-    Rows are kept in order; chunks hold a multiple of ``batch_size`` rows, so the last
-    ``N mod chunk_rows`` rows are dropped (logged, and recorded in the store's plan). A
-    complete store with the same plan (same files, sizes and times, or the same array
-    contents) is reused; a half-written one resumes; a different one is refused unless
-    ``overwrite``.
-
-    Args:
-      arrays: a numpy array, a list of them, or .npy paths / globs (a str may list several,
-        separated by commas).
-      out_dir: the store directory.
-      batch_size: the SAE batch it will feed.
-      dtype: "float32" or "bfloat16" on disk.
-      chunk_mb: target chunk size.
-      site: the site label the activations come from (None: unknown).
-
-    Returns:
-      The opened :class:`~saejax.data.activation_store.ActivationStore`.
-
-    Raises:
-      ConfigError: arrays of the wrong shape or dtype, or fewer rows than one batch.
-    """
-    from saejax.data.activation_store import (ActivationStore, ActivationStoreWriter,
-                                              chunk_rows_for)
-
-    if jax.process_count() > 1:
-        raise ConfigError("source.kind='arrays' writes its store from one process; in a "
-                          "multi-process run write it first (saejax.activations."
-                          "write_array_store) and train with source.kind='store'")
-    mats, desc = _open_arrays(arrays)
-    n, d = sum(len(a) for a in mats), mats[0].shape[1]
-    chunk_rows = min(chunk_rows_for(d, dtype, batch_size, chunk_mb), n // batch_size * batch_size)
-    if chunk_rows == 0:
-        raise ConfigError(f"the activations hold {n} rows, fewer than one batch "
-                          f"(batch_size {batch_size})")
-    rows = n // chunk_rows * chunk_rows
-    if rows < n:
-        logging.warning("activation store %s: dropping the last %d of %d rows (chunks of %d "
-                        "rows, a multiple of the batch)", out_dir, n - rows, n, chunk_rows)
-    plan = {"rows": rows, "d": d, "dtype": dtype, "chunk_rows": chunk_rows, "site": site,
-            "source": {"kind": "arrays", "inputs": desc, "dropped_rows": n - rows}}
-    writer = ActivationStoreWriter(out_dir, plan, overwrite=overwrite)
-    done = writer.committed()
-    for c in range(writer.n_chunks):
-        if c not in done:
-            writer.write_chunk(c, _rows(mats, c * chunk_rows, (c + 1) * chunk_rows))
-    writer.finalize()
-    return ActivationStore.open(out_dir)

@@ -52,11 +52,11 @@ class ShuffleBuffer:
                  seed: int = 0):
         s = parallel.data_parallel_size(mesh)
         if batch_size % s:
-            raise ConfigError(f"buffer batch size {batch_size} is not divisible by the "
-                              f"{s} data-parallel shards")
+            raise ConfigError(f"config field 'batch_size' = {batch_size} is invalid: must be "
+                              f"divisible by the {s} data-parallel shards")
         if capacity % (2 * batch_size):
-            raise ConfigError(f"config field 'buffer_rows' = {capacity} is invalid: must be a "
-                              f"multiple of 2 x batch size ({2 * batch_size})")
+            raise ConfigError(f"config field 'source.buffer_rows' = {capacity} is invalid: must "
+                              f"be a multiple of 2 x batch_size ({2 * batch_size})")
         self.mesh, self.d, self.seed = mesh, d, seed
         self.shards = s
         self.rows_per_shard = capacity // s
@@ -123,8 +123,9 @@ class ShuffleBuffer:
             parts.append(rows)
             n += rows.shape[0]
         if n != self.refill_rows:
-            raise ConfigError(f"producer rows per call ({parts[0].shape[0]}) must divide half "
-                              f"the buffer ({self.refill_rows} rows)")
+            raise ConfigError(f"config field 'source.buffer_rows' = {2 * self.refill_rows} is "
+                              f"invalid: half of it must be a multiple of the rows one LM call "
+                              f"produces ({parts[0].shape[0]} = source.lm_batch_size x context)")
         # Concatenate shard by shard so every shard gets its own rows (no cross-device move).
         parts = [p.reshape(self.shards, -1, self.d) for p in parts]
         return jnp.concatenate(parts, axis=1).reshape(-1, self.d)

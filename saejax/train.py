@@ -29,7 +29,8 @@ from absl import logging
 
 from saejax import evaluate, parallel
 from saejax.activations import (ActivationSource, LMSource, OnTheFlySource, StoreSource,
-                                restore_lm_source, write_array_store)
+                                restore_lm_source)
+from saejax.data.arrays import write_array_store
 from saejax.checkpoint import Checkpointer, versions
 from saejax.config import ConfigError
 from saejax.data.loader import ActivationLoader, LoaderConfig, TokenLoader
@@ -96,7 +97,8 @@ class _Evaluation:
         splice = lambda bundle, acts: bundle.splice(acts)  # noqa: E731
         self.data: dict[str, Any] = {}
         if lm is not None:
-            self.loader = TokenLoader(lm.store, "val", loader, mesh)
+            self.loader = TokenLoader(lm.store, "val", loader, mesh,
+                                      batch_field="eval.batch_contexts")
             self.n = cfg.eval.contexts // cfg.eval.batch_contexts
             self.step = evaluate.make_eval_step(lm.graphdef, lm.site, splice, lm.context)
             self.lm_params, self.mean = lm.params, jnp.asarray(record.stats.mean, jnp.float32)
@@ -104,7 +106,8 @@ class _Evaluation:
             return
         store, in_sample = self._held_out_store(source)
         self.loader = ActivationLoader(store, LoaderConfig(
-            batch_size=cfg.batch_size, shuffle=False, num_epochs=None, prefetch=0), mesh)
+            batch_size=cfg.batch_size, shuffle=False, num_epochs=None, prefetch=0), mesh,
+            batch_field="batch_size")
         self.n = max(1, min(cfg.eval.rows, store.rows) // cfg.batch_size)
         self.step = evaluate.make_activation_eval_step(splice)
         self.data = {"eval_data": os.path.abspath(store.directory), "eval_in_sample": in_sample}
@@ -169,6 +172,9 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
     if activations is not None and cfg.source.kind != "arrays":
         raise ConfigError(f"activations were passed, but config field 'source.kind' = "
                           f"{cfg.source.kind!r}: set it to 'arrays'")
+    if cfg.source.kind == "arrays" and activations is None and not cfg.source.paths:
+        raise ConfigError("config field 'source.paths' = None is invalid: name .npy files (or "
+                          "globs) when source.kind='arrays', or pass train(cfg, activations=...)")
     parallel.check_divisible("batch_size", cfg.batch_size, mesh, parallel.DATA)
     source = make_source(cfg, mesh, lm, activations)
     if source.width != cfg.sae.d_in:

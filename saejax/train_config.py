@@ -110,7 +110,8 @@ class SourceConfig:
         and the geometric-median sample (kind "lm"; a store carries its own statistics).
       store_dir: the activation store (kind "store").
       paths: a .npy file of rows [N, D], a glob, or several separated by commas, read in
-        sorted order within each glob (kind "arrays").
+        sorted order within each glob (kind "arrays"; ``train(cfg, activations=...)`` takes
+        arrays in memory instead).
       eval_store_dir / eval_paths: held-out activations for evaluation without an LM
         (kinds "store" / "arrays"); when unset, evaluation without an LM reads the first
         rows of the training store and reports them as in-sample.
@@ -152,9 +153,6 @@ class SourceConfig:
         if self.kind == "store":
             check("source.store_dir", self.store_dir, bool(self.store_dir),
                   "must name a harvested activation store when source.kind='store'")
-        if self.kind == "arrays":
-            check("source.paths", self.paths, bool(self.paths),
-                  "must list .npy files (or globs) when source.kind='arrays'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,22 +108,14 @@ def test_training_curves_skip_bad_lines_and_non_numeric_fields(tmp_path):
 
 
 def _chromium():
-    """Paths of chromium and chromedriver, installing the Debian packages if missing."""
-    def found():
-        c = shutil.which("chromium") or shutil.which("chromium-browser")
-        d = shutil.which("chromedriver")
-        return (c, d) if c and d else None
-
-    if found() is None and shutil.which("apt-get"):
-        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium",
-                                             "chromium-driver"]):
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-            except (subprocess.SubprocessError, OSError) as e:
-                pytest.skip(f"cannot install chromium/chromium-driver with apt-get ({e})")
-    if found() is None:
-        pytest.skip("chromium and chromedriver are not installed and apt-get is unavailable")
-    return found()
+    """Paths of chromium and chromedriver; skips when they are missing (a test never
+    installs anything: `make browsers` does)."""
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chrome and driver):
+        pytest.skip("chromium and chromedriver are not installed: run `make browsers` "
+                    "(Debian packages chromium, chromium-driver)")
+    return chrome, driver
 
 
 @pytest.mark.slow
@@ -184,36 +176,24 @@ def test_dashboard_renders_in_headless_chromium(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_analyze_run_on_a_trained_sae(tmp_path):
-    """Tiny LM -> tiny SAE run (saejax.train) -> analyze_run: the `make demo` report path."""
-    from experiments import lm_tiny, sae_tiny
+def test_analyze_run_on_a_trained_sae(tiny_lm_dir, tmp_path):
+    """Tiny LM (the tiny_lm_dir fixture) -> tiny SAE run (saejax.train) -> analyze_run: the
+    `make demo` report path."""
+    from experiments import sae_tiny
     from saejax.analysis.report import analyze_run
     from saejax.config import from_config
-    from saejax.lm.config import LMTrainConfig
-    from saejax.lm.train import train as train_lm
     from saejax.train import train as train_sae
     from saejax.train_config import SAETrainConfig
 
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "def", "return", "(", ")", ":", "\n", "    ", HOSTILE[0]]
-    for i in range(40):
-        (src / f"{i}.txt").write_text(" ".join(rng.choice(words, 400)))
-    build_token_store(CorpusJobConfig(
-        corpus=CorpusConfig(source="text", path=str(src), seq_len=33, val_fraction=0.2,
-                            out_dir=str(tmp_path / "tokens")),
-        tokenizer=TokenizerConfig(kind="byte")))
-    cd = lm_tiny.get_config()
-    cd.update(store_dir=str(tmp_path / "tokens"), workdir=str(tmp_path / "lm"), num_steps=2,
-              progress_bar=False)
-    cd.optim.warmup_steps = 1
-    train_lm(from_config(LMTrainConfig, cd))
     sd = sae_tiny.get_config()
-    sd.update(lm_dir=str(tmp_path / "lm"), workdir=str(tmp_path / "sae"), progress_bar=False,
-              eval_every=1000)
+    sd.lm.dir = tiny_lm_dir
+    sd.workdir = str(tmp_path / "sae")
+    sd.progress_bar = False
+    sd.eval.every = 1000
     train_sae(from_config(SAETrainConfig, sd))
-    out = analyze_run(str(tmp_path / "sae"), n_contexts=32,
+    # A hostile title: the page's own text must be escaped like the corpus's (the index
+    # shows single byte tokens only, so corpus text cannot spell "<script>alert" there).
+    out = analyze_run(str(tmp_path / "sae"), n_contexts=32, title=f"{HOSTILE[0]} run",
                       config=features.FeatureStatsConfig(batch_size=16, top_k=5,
                                                          ablation_max_features=16))
     stats = features.load_stats(out["stats"])
@@ -221,6 +201,7 @@ def test_analyze_run_on_a_trained_sae(tmp_path):
     assert stats["meta"]["norm_scale"] != 1.0 and stats["summary"]["alive"] > 0
     page = open(out["dashboard"]).read()
     assert "training.png" in page and "<script>alert" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; run" in page
     # The same run drives launch/steer.py through --workdir (LM and tokenizer from metadata).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "launch", "steer.py"),

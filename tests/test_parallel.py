@@ -58,8 +58,8 @@ def test_batch_divisibility_errors():
 
 
 def test_process_rows_follow_the_devices_of_this_process():
-    """One process holds every row (the two-process split is checked for real in
-    tests/test_multihost.py)."""
+    """One process holds every row: the union of its devices' rows, not one device's
+    share (the two-process split is checked for real in tests/test_multihost.py)."""
     devs = jax.devices()
     mesh = parallel.make_mesh(MeshConfig(data=4, model=2))
     assert parallel.process_rows(mesh, 32) == (0, 32)
@@ -68,6 +68,34 @@ def test_process_rows_follow_the_devices_of_this_process():
     assert parallel.process_rows(small, 8) == (0, 8)
 
 
-def test_initialize_distributed_disabled_is_a_noop():
-    parallel.initialize_distributed(DistributedConfig(enabled=False))
-    assert jax.process_count() == 1
+@pytest.fixture
+def distributed_calls(monkeypatch):
+    """Records the kwargs of every ``jax.distributed.initialize`` call instead of making it."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for var in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_initialize_distributed_disabled_does_not_initialize(distributed_calls):
+    parallel.initialize_distributed(DistributedConfig(enabled=False, heartbeat_timeout_s=17))
+    assert distributed_calls == []
+
+
+@pytest.mark.parametrize("address,n,pid", [("10.0.0.1:1234", 4, 2), ("10.0.0.1:1234", 2, 0)])
+def test_initialize_distributed_passes_the_coordinator(distributed_calls, address, n, pid):
+    parallel.initialize_distributed(DistributedConfig(
+        enabled=True, coordinator_address=address, num_processes=n, process_id=pid,
+        heartbeat_timeout_s=17))
+    # process_id 0 is passed too (not dropped as falsy).
+    assert distributed_calls == [dict(coordinator_address=address, num_processes=n,
+                                      process_id=pid, heartbeat_timeout_seconds=17)]
+
+
+def test_initialize_distributed_without_coordinator_lets_jax_autodetect(distributed_calls):
+    parallel.initialize_distributed(DistributedConfig(enabled=True, heartbeat_timeout_s=23))
+    assert distributed_calls == [dict(heartbeat_timeout_seconds=23)]
+    parallel.initialize_distributed(DistributedConfig(enabled=True))
+    assert distributed_calls[1] == dict(heartbeat_timeout_seconds=100)  # jax's default

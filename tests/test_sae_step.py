@@ -13,6 +13,7 @@ from saejax.sae import (SAEConfig, abstract_state, estimate_memory, init_state, 
                         should_resample)
 from saejax.sae import model
 from saejax.sae.geometric_median import geometric_median
+from saejax.sae import registry
 from saejax.sae.registry import get_architecture
 
 D, F, B = 8, 16, 32
@@ -88,7 +89,7 @@ def test_golden_one_step_matches_float64_numpy(mesh1):
 
 
 @pytest.mark.parametrize("feature_major", [True, False])
-@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("arch", registry.architecture_names())  # every registered one
 def test_handwritten_gradients_match_autodiff(arch, feature_major):
     # Both layouts of the hand-written backward (the architecture picks one by default).
     cfg = SAEConfig(d_in=D, n_features=F, architecture=arch, k=4, l1_coefficient=3e-2)
@@ -294,6 +295,9 @@ def test_geometric_median_matches_numpy_weiszfeld():
 
 
 def test_paper_largest_config_eval_shape_and_memory():
+    from saejax.parallel import named_sharding
+    from saejax.sae.step import BATCH_AXES
+
     cfg = SAEConfig(d_in=512, n_features=131_072)
     mesh = make_mesh(MeshConfig(data=2, model=4))
     abstract = abstract_state(cfg, mesh)
@@ -304,10 +308,50 @@ def test_paper_largest_config_eval_shape_and_memory():
     assert new.params.W_dec.shape == (131_072, 512)
     assert metrics["feature_counts"].shape == (131_072,)
     est = estimate_memory(cfg, mesh, batch_size=8192)
-    params_total = 4 * (2 * 512 * 131_072 + 131_072 + 512)
-    assert abs(est["params"] - params_total / 4) < 4 * 512  # latent axis over 4 devices
-    assert est["optimizer"] == 2 * est["params"]
-    assert est["activations"] == (8192 // 2) * (131_072 // 4) * 16
     assert est["total"] == sum(v for k, v in est.items() if k != "total")
     single = estimate_memory(cfg, make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1]), 8192)
     assert single["total"] > 7 * est["total"]
+
+    # The estimate against XLA's buffer assignment for the compiled step (compiled, never
+    # run: ~3 s per mesh on CPU). memory_analysis() describes one device's partition of
+    # the SPMD program, so its numbers are per device, like the estimate's.
+    def xla_memory(mesh, est):
+        sharding = named_sharding(mesh, BATCH_AXES)
+        batch = jax.ShapeDtypeStruct((8192, 512), jnp.float32, sharding=sharding)
+        lowered = make_train_step(cfg, mesh).jitted.lower(abstract_state(cfg, mesh), batch)
+        mem = lowered.compile().memory_analysis()
+        assert mem is not None, "no memory analysis on this backend"
+        batch_bytes = int(np.prod(sharding.shard_shape(batch.shape))) * 4
+        state = mem.argument_size_in_bytes - batch_bytes
+        # Everything live at once: the inputs, XLA's temporaries and the outputs, less the
+        # outputs written into the donated inputs.
+        peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes)
+        est_state = est["params"] + est["optimizer"] + est["counters"]
+        print(f"mesh {dict(mesh.shape)}: XLA arguments {mem.argument_size_in_bytes:,} "
+              f"(state {state:,}), temp {mem.temp_size_in_bytes:,}, outputs "
+              f"{mem.output_size_in_bytes:,}, aliased {mem.alias_size_in_bytes:,}, peak {peak:,}; "
+              f"estimate state {est_state:,}, total {est['total']:,} "
+              f"({est['total'] / peak:.3f} x peak)")
+        # The state is donated: all of it is written in place.
+        assert mem.alias_size_in_bytes == state
+        # params + Adam moments + counters are the state's arrays, exactly, except for the
+        # three scalars the estimate leaves out (RNG key 8 B, step 4 B, Adam count 4 B).
+        assert 0 <= state - est_state <= 64
+        return peak
+
+    # The paper's mesh, where the [B, F] activations dominate: the estimate is an upper
+    # bound, and not a loose one. 1.25: XLA fuses away some of the four f32 [B, F] buffers
+    # the estimate counts (observed 1.165 here with jax 0.10.2; a wrong shard size, or a
+    # [B, F] buffer more or less, moves the ratio past 1.25 or below 1).
+    peak = xla_memory(mesh, est)
+    assert peak <= est["total"] <= 1.25 * peak
+    # A data-parallel mesh, where the replicated state (4 copies of the params, counting
+    # the update) weighs as much as the activations: XLA keeps every buffer the estimate
+    # counts, so the two agree closely (observed 0.9999: the estimate leaves out a few
+    # [B, D] temporaries, 2 MB of 4.8 GB). 2% catches any of its terms counted wrong
+    # except the batch (0.1% of the total; dropping update_copy, 22%, fails here only).
+    data_mesh = make_mesh(MeshConfig(data=8, model=1))
+    est_data = estimate_memory(cfg, data_mesh, batch_size=8192)
+    peak_data = xla_memory(data_mesh, est_data)
+    assert 0.98 * peak_data <= est_data["total"] <= 1.02 * peak_data

@@ -202,3 +202,18 @@ def test_restore_on_another_mesh_equals_the_original_encode(lm_dir, tmp_path):
     np.testing.assert_allclose(f, base.encode_text(text), rtol=1e-5, atol=1e-6)
     over = base.feature_activations_over_store("val", num_contexts=16, batch_contexts=8)
     assert over.shape == (16 * 32, cfg.sae.n_features)
+
+
+def test_training_density_after_a_mid_window_resume_equals_the_uninterrupted_runs(lm_dir,
+                                                                                   tmp_path):
+    """The firing counts behind the training density are checkpointed with the state: a run
+    stopped inside a density window (steps 20..40) and resumed reports the same density."""
+    over = {"num_steps": 40, "eval.every": 20, "checkpoint.every": 10, "sae.resample_steps": ()}
+    ref = train(from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "ref", **over)))
+    cfg = from_config(SAETrainConfig, tiny_config(lm_dir, tmp_path / "cut", **over))
+    assert train(cfg, stop_at=30)["step"] == 30
+    got = train(cfg)
+    assert got["step"] == 40 and ref["train_density"].sum() > 0
+    np.testing.assert_array_equal(got["train_density"], ref["train_density"])
+    np.testing.assert_array_equal(np.load(tmp_path / "cut" / "train_feature_density.npy"),
+                                  np.load(tmp_path / "ref" / "train_feature_density.npy"))

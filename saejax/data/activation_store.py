@@ -114,7 +114,7 @@ class ActivationStoreWriter:
                               if meta.get("plan", {}).get(k) != self.plan.get(k))
                 raise StoreExistsError(
                     f"refusing to overwrite activation store {self.directory!r}: it was "
-                    f"harvested with a different plan (differing: {diff}); choose another "
+                    f"written with a different plan (differing: {diff}); choose another "
                     f"directory or pass overwrite")
             return  # same plan: resume
         if meta is None and os.path.isdir(self.directory) and os.listdir(self.directory) \

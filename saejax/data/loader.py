@@ -71,16 +71,17 @@ class ChunkShuffleBatches(grain.MapDataset):
       num_epochs: None repeats forever.
       window_chunks: chunks mixed together by the row permutation.
       rows: this process's slice ``(lo, hi)`` of every global batch.
+      batch_field: the config field that set ``batch_size``, for error messages.
     """
 
     def __init__(self, read_rows: ReadRows, num_rows: int, chunk_rows: int, batch_size: int, *,
                  seed: int, shuffle: bool, num_epochs: int | None, window_chunks: int,
-                 rows: tuple[int, int] | None = None):
+                 rows: tuple[int, int] | None = None, batch_field: str = "loader.batch_size"):
         super().__init__()
         self.batches_per_epoch = num_rows // batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(
-                f"config field 'loader.batch_size' = {batch_size} is invalid: the split has "
+                f"config field {batch_field!r} = {batch_size} is invalid: the split has "
                 f"only {num_rows} rows")
         lo, hi = rows or (0, batch_size)
         if not 0 <= lo < hi <= batch_size:
@@ -185,12 +186,12 @@ class BatchLoader:
 
 
 def _shard_dataset(read_rows: ReadRows, num_rows: int, chunk_rows: int, config: LoaderConfig,
-                   mesh: jax.sharding.Mesh) -> ChunkShuffleBatches:
-    parallel.check_divisible("loader.batch_size", config.batch_size, mesh, parallel.DATA)
+                   mesh: jax.sharding.Mesh, batch_field: str) -> ChunkShuffleBatches:
+    parallel.check_divisible(batch_field, config.batch_size, mesh, parallel.DATA)
     return ChunkShuffleBatches(
         read_rows, num_rows, chunk_rows, config.batch_size, seed=config.seed,
         shuffle=config.shuffle, num_epochs=config.num_epochs, window_chunks=config.window_chunks,
-        rows=parallel.process_rows(mesh, config.batch_size))
+        rows=parallel.process_rows(mesh, config.batch_size), batch_field=batch_field)
 
 
 def _identity(config: LoaderConfig, **kw) -> dict:
@@ -208,14 +209,16 @@ class TokenLoader(BatchLoader):
         batch = next(loader)
         state = loader.get_state()
         loader.set_state(state)
+
+    ``batch_field`` names the config field behind ``config.batch_size`` in error messages.
     """
 
     def __init__(self, store: TokenStore | str, split: str, config: LoaderConfig,
-                 mesh: jax.sharding.Mesh):
+                 mesh: jax.sharding.Mesh, *, batch_field: str = "loader.batch_size"):
         self.store = TokenStore.open(store) if isinstance(store, str) else store
         self.split, self.config = split, config
         dataset = _shard_dataset(lambda a, b: self.store.read(split, a, b), self.store.rows(split),
-                                 self.store.chunk_rows, config, mesh)
+                                 self.store.chunk_rows, config, mesh, batch_field)
         ident = _identity(config, store=self.store.metadata["fingerprint"], split=split)
         super().__init__(dataset, mesh, ("batch", None), ident, config.prefetch)
 
@@ -227,13 +230,14 @@ class ActivationLoader(BatchLoader):
     its crc32 checked, so a corrupt chunk raises instead of being trained on.
     """
 
-    def __init__(self, store, config: LoaderConfig, mesh: jax.sharding.Mesh):
+    def __init__(self, store, config: LoaderConfig, mesh: jax.sharding.Mesh, *,
+                 batch_field: str = "loader.batch_size"):
         from saejax.data.activation_store import ActivationStore
 
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
         self.config = config
         dataset = _shard_dataset(self.store.read_rows, self.store.rows, self.store.chunk_rows,
-                                 config, mesh)
+                                 config, mesh, batch_field)
         ident = _identity(config, store=self.store.metadata["crc32"][:4],
                           rows=self.store.rows)
         super().__init__(dataset, mesh, ("batch", None), ident, config.prefetch)

@@ -258,13 +258,15 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
     loss, grads = jax.value_and_grad(lambda p: jnp.mean(per_input_loss(p, x, cfg)))(params)
     pairs = [("loss", out.loss, loss)] + [(k, getattr(out.grads, k), getattr(grads, k))
                                           for k in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    bad = []
     for name, got, want in pairs:
         got, want = np.asarray(got), np.asarray(want)
         if not np.allclose(got, want, rtol=rtol, atol=atol):
-            err = float(np.max(np.abs(got - want)))
-            raise RuntimeError(
-                f"SAE architecture {arch.name!r}: the hand-written backward "
-                f"(model.forward_backward, feature_major={feature_major}) disagrees with "
-                f"autodiff of model.per_input_loss in {name} (max abs difference {err:.3g}); "
-                f"its activation or penalty breaks an assumption of the shared backward")
+            bad.append(f"{name} (max abs difference {float(np.max(np.abs(got - want))):.3g})")
+    if bad:
+        raise RuntimeError(
+            f"SAE architecture {arch.name!r}: the hand-written backward "
+            f"(model.forward_backward, feature_major={feature_major}) disagrees with autodiff "
+            f"of model.per_input_loss in {', '.join(bad)}; its activation or penalty breaks an "
+            f"assumption of the shared backward")
     _CHECKED.add((arch.name, feature_major))
