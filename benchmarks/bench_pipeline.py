@@ -50,8 +50,7 @@ def main(argv):
     import numpy as np
 
     from saejax import parallel
-    from saejax.activations import lm_producer
-    from saejax.buffer import ShuffleBuffer
+    from saejax.activations import LMSource, OnTheFlySource, lm_producer
     from saejax.harvest import harvest, harvest_chunk_rows
     from saejax.config import MeshConfig
     from saejax.data.corpus import CorpusConfig, CorpusJobConfig
@@ -98,16 +97,19 @@ def main(argv):
         t_sae = _time(sae_only, _STEPS.value)
         flops = 5 * 2 * B * 512 * f
 
-        buf = ShuffleBuffer(mesh, capacity=B * 32, d=512, batch_size=B, seed=0)
-        bstate = {"b": buf.fill(buf.empty(), lambda: producer(next(tokens)))}
+        # The training loop's source: LM -> shuffle buffer, refills counted on the host.
+        lm_src = LMSource(graphdef, lm_params, {}, "blocks.0.mlp.post", store, T, producer, 512)
+        fly = OnTheFlySource(lm_src, mesh, batch_size=B, lm_batch_size=lm_batch,
+                             buffer_rows=B * 32, norm_sample_contexts=lm_batch, seed=0)
+        bstate = {"dev": fly.init_device_state()}
 
         def onthefly():
-            bstate["b"], xb = buf.next_batch(bstate["b"], lambda: producer(next(tokens)))
+            bstate["dev"], xb = fly.next(bstate["dev"])
             holder["s"], m = step(holder["s"], xb)
             return m["loss"]
 
         # Time whole refill cycles so the refill cost is averaged in.
-        t_fly = _time(onthefly, max(_STEPS.value, buf.batches_per_refill))
+        t_fly = _time(onthefly, max(_STEPS.value, fly.buffer.batches_per_refill))
 
         # Store: harvest 16 chunks once (rows a multiple of the batch).
         sdir = os.path.join(tmp, f"acts{f}")

@@ -95,7 +95,7 @@ class _Evaluation:
         loader = LoaderConfig(batch_size=cfg.eval.batch_contexts, seed=cfg.source.seed,
                               shuffle=False, num_epochs=None, prefetch=0)
         splice = lambda bundle, acts: bundle.splice(acts)  # noqa: E731
-        self.data: dict[str, Any] = {}
+        self.lm_params = None
         if lm is not None:
             self.loader = TokenLoader(lm.store, "val", loader, mesh,
                                       batch_field="eval.batch_contexts")
@@ -133,7 +133,7 @@ class _Evaluation:
         try:
             batches = (next(self.loader) for _ in range(self.n))
             thr = self.cfg.sae.dense_threshold
-            if hasattr(self, "lm_params"):
+            if self.lm_params is not None:
                 out = evaluate.evaluate(self.step, self.lm_params, bundle, self.mean, batches, thr)
             else:
                 out = evaluate.evaluate_activations(self.step, bundle, batches, thr)
@@ -191,8 +191,9 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
                 "counts": jax.ShapeDtypeStruct((cfg.sae.n_features,), jnp.int32,
                                                sharding=counts_sharding)}
     if ckpt.latest_step() is not None:
-        state, data_state, meta = ckpt.restore(abstract)
-        record = SAERunRecord.from_dict(meta, where=f"{ckpt.directory!r}")
+        # The record first: a checkpoint of an older layout fails here in one line.
+        record = SAERunRecord.from_dict(ckpt.restore_metadata(), where=f"{ckpt.directory!r}")
+        state, data_state, _ = ckpt.restore(abstract)
         source.set_state(data_state)
         logging.info("resumed %s at step %d", cfg.workdir, int(state["sae"].step))
     else:

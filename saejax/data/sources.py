@@ -17,16 +17,20 @@ import os
 import sysconfig
 import threading
 from collections.abc import Iterator
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the corpus module imports this one
-    from saejax.data.corpus import CorpusConfig
+from typing import Protocol
 
 # Directory names never read from the stdlib (tests and installed third-party code).
 _STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                              "__pycache__"})
 _BINARY_SNIFF = 8192
+
+
+class DocumentSpec(Protocol):
+    """Which documents to read (``saejax.data.corpus.CorpusConfig`` is one)."""
+
+    source: str             # "stdlib" | "text" | "jsonl"
+    path: str | None        # directory, file or glob ("text", "jsonl")
+    text_field: str         # the JSON field holding the text ("jsonl")
 
 
 class CorpusError(ValueError):
@@ -185,7 +189,7 @@ def _jsonl_documents(root: str, files: list[str], field: str, report: SourceRepo
                 yield Document(f"{rel}:{lineno}", value)
 
 
-def iter_documents(config: CorpusConfig, report: SourceReport) -> Iterator[Document]:
+def iter_documents(config: DocumentSpec, report: SourceReport) -> Iterator[Document]:
     """Documents of the configured source, in a deterministic order."""
     if config.source == "stdlib":
         root, files = stdlib_files()
@@ -196,7 +200,7 @@ def iter_documents(config: CorpusConfig, report: SourceReport) -> Iterator[Docum
     return _jsonl_documents(root, files, config.text_field, report)
 
 
-def source_identity(config: CorpusConfig) -> dict:
+def source_identity(config: DocumentSpec) -> dict:
     """What identifies the source's *location* (contents are checked chunk by chunk)."""
     if config.source == "stdlib":
         import sys
