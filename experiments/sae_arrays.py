@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = sae_paper.get_config("a1")
     c.sae.update(architecture="topk", k=32, aux_k=256, lr=3e-4, resample_steps=(),
                  dead_window=200)
-    c.lm.dir = None
+    c.lm.dir = None  # the default; sae_paper sets the paper LM
     c.source = sae_paper.source("arrays")
     c.workdir = "runs/sae/arrays"
     c.batch_size = 4096

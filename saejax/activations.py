@@ -41,6 +41,7 @@ from jaxtyping import Array, Float, Int
 
 from saejax import parallel
 from saejax.buffer import ShuffleBuffer
+from saejax.config import ConfigError
 from saejax.data.loader import ActivationLoader, LoaderConfig, TokenLoader
 from saejax.normalize import ActivationStats
 
@@ -91,16 +92,20 @@ def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh) -> LMSour
 
     lm, meta = load_lm(lm_dir, mesh=mesh)
     graphdef, params = split_params(lm)
-    site = canonical_site(site, lm.cfg.n_layers)
+    try:
+        site = canonical_site(site, lm.cfg.n_layers)
+    except ValueError as e:
+        raise ConfigError(f"config field 'lm.site' = {site!r} is invalid: {e}") from None
+    if "store_dir" not in meta:
+        raise ConfigError(f"config field 'lm.dir' = {lm_dir!r} is invalid: it names no token "
+                          f"store (an imported HF checkpoint has none); use an LM training "
+                          f"workdir")
     store = TokenStore.open(meta["store_dir"])
     context = min(store.seq_len, lm.cfg.max_len)
     produce = lm_producer(graphdef, params, site, mesh, context_len=context)
     probe = jax.ShapeDtypeStruct((parallel.data_parallel_size(mesh), store.seq_len), jnp.int32)
     d = jax.eval_shape(produce, probe).shape[-1]
     return LMSource(graphdef, params, meta, site, store, context, produce, int(d))
-
-
-
 
 # ---------------------------------------------------------------------------------------
 # The interface
@@ -113,6 +118,7 @@ class ActivationSource(Protocol):
     width: int
 
     def identity(self) -> dict: ...
+    def activation_store(self) -> Any: ...
     def statistics(self) -> ActivationStats: ...
     def init_sample(self, n: int) -> Float[np.ndarray, "S D"]: ...
     def init_device_state(self) -> Any: ...
@@ -164,6 +170,9 @@ class OnTheFlySource:
     def identity(self) -> dict:
         return {"kind": "lm", "token_store": self.lm.store.directory,
                 "fingerprint": self.lm.store.metadata.get("fingerprint")}
+
+    def activation_store(self) -> None:
+        return None  # activations are made on the fly
 
     def _rows(self) -> Float[Array, "R D"]:
         return self.lm.produce(next(self.tokens))
@@ -241,6 +250,10 @@ class StoreSource:
         self.samples = ActivationLoader(self.store, dataclasses.replace(loader, seed=seed + 1),
                                         mesh, batch_field="batch_size")
         self.width, self.kind = self.store.d, kind
+
+    def activation_store(self):
+        """The ``ActivationStore`` it reads."""
+        return self.store
 
     def identity(self) -> dict:
         plan = self.store.metadata["plan"]

@@ -35,7 +35,7 @@ class LMIdentity:
     """The LM checkpoint a run used.
 
     Attributes:
-      dir: the LM training workdir (absolute), or a local HF GPT-2 directory.
+      dir: the LM training workdir (absolute).
       step: its checkpoint step (None for HF directories).
       token_store: the token store it trained on (tokenizer, evaluation contexts).
       store_fingerprint: that store's settings fingerprint.

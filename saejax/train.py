@@ -104,7 +104,10 @@ class _Evaluation:
             self.lm_params, self.mean = lm.params, jnp.asarray(record.stats.mean, jnp.float32)
             self.data = {"eval_data": "LM validation split", "eval_contexts": cfg.eval.contexts}
             return
-        store, in_sample = self._held_out_store(source)
+        store, in_sample = self._held_out_store(source.activation_store(), record.site)
+        if store.d != cfg.sae.d_in:
+            raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: the "
+                              f"held-out activations in {store.directory!r} have width {store.d}")
         self.loader = ActivationLoader(store, LoaderConfig(
             batch_size=cfg.batch_size, shuffle=False, num_epochs=None, prefetch=0), mesh,
             batch_field="batch_size")
@@ -116,7 +119,8 @@ class _Evaluation:
                             "evaluating on the first %d training rows (in-sample)",
                             self.n * cfg.batch_size)
 
-    def _held_out_store(self, source: StoreSource):
+    def _held_out_store(self, train_store, site: str | None):
+        """(store, in_sample): the held-out activations, else the training store itself."""
         from saejax.data.activation_store import ActivationStore
 
         src = self.cfg.source
@@ -125,8 +129,8 @@ class _Evaluation:
         if src.eval_paths:
             return write_array_store(src.eval_paths, os.path.join(self.cfg.workdir, ARRAYS_EVAL_DIR),
                                      batch_size=self.cfg.batch_size, chunk_mb=src.chunk_mb,
-                                     site=source.store.metadata["plan"].get("site")), False
-        return source.store, True
+                                     site=site), False
+        return train_store, True
 
     def __call__(self, bundle: SAEBundle) -> dict[str, Any]:
         start = self.loader.get_state()
@@ -172,16 +176,18 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
     if activations is not None and cfg.source.kind != "arrays":
         raise ConfigError(f"activations were passed, but config field 'source.kind' = "
                           f"{cfg.source.kind!r}: set it to 'arrays'")
-    if cfg.source.kind == "arrays" and activations is None and not cfg.source.paths:
-        raise ConfigError("config field 'source.paths' = None is invalid: name .npy files (or "
-                          "globs) when source.kind='arrays', or pass train(cfg, activations=...)")
+    if cfg.source.kind == "arrays" and (activations is None) == (not cfg.source.paths):
+        raise ConfigError(f"config field 'source.paths' = {cfg.source.paths!r} is invalid: "
+                          f"source.kind='arrays' reads either .npy files (source.paths) or "
+                          f"train(cfg, activations=...), exactly one of them")
     parallel.check_divisible("batch_size", cfg.batch_size, mesh, parallel.DATA)
+    if lm is not None and lm.width != cfg.sae.d_in:
+        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: site "
+                          f"{lm.site!r} of the LM in {cfg.lm.dir!r} has width {lm.width}")
     source = make_source(cfg, mesh, lm, activations)
     if source.width != cfg.sae.d_in:
-        what = f"site {lm.site!r} of the LM in {cfg.lm.dir!r}" if cfg.source.kind == "lm" \
-            else f"the {cfg.source.kind} activations"
-        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: {what} "
-                          f"has width {source.width}")
+        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: the "
+                          f"{cfg.source.kind} activations have width {source.width}")
     ckpt = Checkpointer(os.path.join(cfg.workdir, CHECKPOINTS), keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     train_step = make_train_step(cfg.sae, mesh)

@@ -1,7 +1,9 @@
 """Configs of the SAE pipeline jobs: ``launch/harvest.py`` and ``launch/train_sae.py``.
 
-``SAETrainConfig`` has one section per concern; every field is used by the run it
-configures (a field that belongs to another source kind must stay unset):
+``SAETrainConfig`` has one section per concern. Nothing overrides a field behind the
+user's back; a path that only another source kind (or the LM's evaluation) would read is
+refused, and the tuning knobs of one kind (e.g. ``source.buffer_rows`` for "lm") say so in
+their docstring:
 
     sae         the dictionary and its optimiser (saejax.sae.config.SAEConfig)
     lm          the subject LM and site, or none (train on activations alone)
@@ -72,14 +74,14 @@ class LMSiteConfig:
     """The subject LM and the site the dictionary reads (section ``lm``).
 
     Attributes:
-      dir: LM training workdir (or a local HF GPT-2 directory). None: no LM; the
-        activations come from a store or arrays, and evaluation reports what needs no LM
-        (MSE, explained variance, L0, dead/dense features).
+      dir: LM training workdir (its checkpoint names the token store it trained on). None
+        (the default): no LM; the activations come from a store or arrays, and evaluation
+        reports what needs no LM (MSE, explained variance, L0, dead/dense features).
       site: activation site the dictionary reads and, at evaluation, replaces (e.g.
-        "mlp.post" = layer 0's MLP neurons, "blocks.1.resid.mid").
+        "mlp.post" = layer 0's MLP neurons, "blocks.1.resid.mid"); read only with an LM.
     """
 
-    dir: str | None = "runs/lm/paper"
+    dir: str | None = None
     site: str = "mlp.post"
 
     def __post_init__(self):
@@ -113,8 +115,9 @@ class SourceConfig:
         sorted order within each glob (kind "arrays"; ``train(cfg, activations=...)`` takes
         arrays in memory instead).
       eval_store_dir / eval_paths: held-out activations for evaluation without an LM
-        (kinds "store" / "arrays"); when unset, evaluation without an LM reads the first
-        rows of the training store and reports them as in-sample.
+        (kinds "store" / "arrays"; refused with an LM, which evaluates on its validation
+        split); when unset, evaluation without an LM reads the first rows of the training
+        store and reports them as in-sample.
       window_chunks: store chunks mixed by one shuffle window (the token store's for kind
         "lm", the activation store's otherwise).
       prefetch: batches the store loader reads ahead.
@@ -164,7 +167,7 @@ class EvalConfig:
       contexts / batch_contexts: validation contexts of the LM's token store and contexts
         per jitted call (with an LM: loss recovered, KL, explained variance, L0, density).
       rows: activation rows evaluated without an LM (MSE, explained variance, L0,
-        density); rounded down to whole batches.
+        density); rounded down to whole batches, at least one.
     """
 
     every: int = 1000
@@ -230,6 +233,12 @@ class SAETrainConfig:
         if self.source.kind == "lm":
             check("lm.dir", self.lm.dir, self.lm.dir is not None,
                   "must name an LM when source.kind='lm' (the activations come from it)")
+        if self.lm.dir is not None:
+            for name in ("eval_store_dir", "eval_paths"):
+                value = getattr(self.source, name)
+                check(f"source.{name}", value, not value,
+                      "is read only without an LM (lm.dir is set: evaluation runs the LM on "
+                      "its validation split)")
             check("source.buffer_rows", self.source.buffer_rows,
                   self.source.buffer_rows % (2 * self.batch_size) == 0,
                   f"must be a multiple of 2 x batch_size ({2 * self.batch_size})")

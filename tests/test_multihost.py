@@ -228,7 +228,10 @@ def test_one_process_killed_mid_run_makes_the_other_exit_clearly(tiny_lm_dir, re
 def test_model_axis_across_processes_trains_like_one_process(tiny_lm_dir, reference, tmp_path):
     """Mesh (1, 8): the dictionary is split over devices of both processes and both hold
     (and load) the whole batch; the result equals the same run in one process."""
-    steps = {"num_steps": 12, "sae.resample_steps": (6,), "mesh.data": 1, "mesh.model": 8}
+    # eval.every 6: the windowed firing counts, split over "model" across both processes,
+    # are gathered and reset at each evaluation.
+    steps = {"num_steps": 12, "sae.resample_steps": (6,), "mesh.data": 1, "mesh.model": 8,
+             "eval.every": 6}
     from experiments import sae_tiny
 
     want_dir = tmp_path / "one"
@@ -246,3 +249,8 @@ def test_model_axis_across_processes_trains_like_one_process(tiny_lm_dir, refere
                             strict=True):  # same tolerance and reason as above
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
+    # The training density of the last window (steps 6..12), from counts split over
+    # "model" across the two processes: the same up to a firing flipped by that rounding.
+    want_d, got_d = (np.load(d / "train_feature_density.npy") for d in (want_dir, got_dir))
+    assert want_d.sum() > 0 and got_d.shape == want_d.shape
+    assert np.abs(got_d - want_d).max() <= 3 / (6 * 256)

@@ -154,7 +154,8 @@ def test_run_record_round_trip_and_format_check():
     from saejax.train_config import SAETrainConfig
 
     stats = ActivationStats.from_rows(np.random.default_rng(0).normal(size=(10, 4)))
-    rec = SAERunRecord(config=SAETrainConfig(), site="blocks.0.mlp.post",
+    rec = SAERunRecord(config=from_config(SAETrainConfig, {"lm": {"dir": "/x/lm"}}),
+                       site="blocks.0.mlp.post",
                        lm=LMIdentity(dir="/x/lm", step=3, token_store="/x/tok"),
                        data={"kind": "lm"}, normalizer=Normalizer(2.5), stats=stats,
                        versions={"jax": "0"})
@@ -185,6 +186,9 @@ def test_train_config_sections_refuse_fields_of_another_kind():
                                                 "paths": "a.npy"}})
     with pytest.raises(ConfigError, match="'lm.dir'.*source.kind='lm'"):
         from_config(SAETrainConfig, {"lm": {"dir": None}})
+    with pytest.raises(ConfigError, match="'source.eval_store_dir'.*without an LM"):
+        from_config(SAETrainConfig, {"lm": {"dir": "/lm"}, "source": {
+            "kind": "store", "store_dir": "/x", "eval_store_dir": "/y"}})
     with pytest.raises(ConfigError, match="unknown config field.*config.loader"):
         from_config(SAETrainConfig, {"loader": {"seed": 1}})
     ok = from_config(SAETrainConfig, {"lm": {"dir": None},

@@ -95,6 +95,9 @@ def test_launcher_no_lm_kill_resume_restore_encode(data, tmp_path):
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    assert victim.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert killed_at < 60
     resumed = run(flags(data_dir, work))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
@@ -107,6 +110,9 @@ def test_launcher_no_lm_kill_resume_restore_encode(data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
     # The record: no LM, no site, the arrays' store; the scale from the stored rows.
+    from saejax.record import load_record
+
+    assert load_record(str(work)) == record  # the metadata alone, no arrays read
     assert record.lm is None and record.site is None and bundle.site is None
     assert record.data["kind"] == "arrays" and record.data["rows"] == 3 * 2048
     kept = rows[:3 * 2048]  # chunks of 2,048 rows: the last 0 of 6,144 rows are dropped
@@ -151,12 +157,32 @@ def test_python_api_trains_the_same_dictionary_from_arrays_in_memory(data, tmp_p
     assert c["step"] == 20
 
 
-def test_arrays_errors_are_one_line(data, tmp_path):
+def test_arrays_errors_are_one_line(data, tmp_path, tiny_lm_dir):
     from saejax.analysis.restore import restore_run
 
     data_dir, rows = data
+    bad = rows[:1024].copy()
+    bad[700, 3] = np.nan
+    with pytest.raises(ConfigError, match="array 1 hold NaN or Inf \\(first at row 188\\)"):
+        train(from_config(SAETrainConfig, config(data_dir, tmp_path / "nan",
+                                                 **{"source.paths": None})),
+              activations=[rows[:512], bad[512:]])
+    with pytest.raises(ConfigError, match="exactly one of them"):
+        train(from_config(SAETrainConfig, config(data_dir, tmp_path / "both")), activations=rows)
+    train(from_config(SAETrainConfig, config(data_dir, tmp_path / "once",
+                                             **{"num_steps": 1, "eval.every": 1})))
+    with pytest.raises(ConfigError, match="written from other activations.*new workdir"):
+        train(from_config(SAETrainConfig, config(data_dir, tmp_path / "once",
+                                                 **{"source.paths": None})),
+              activations=rows[:2048])
+    # An LM whose site is wider than the dictionary: refused before any training.
+    with pytest.raises(ConfigError, match="'sae.d_in' = 32 is invalid: site "
+                                          "'blocks.0.mlp.post' of the LM .* has width 64"):
+        train(from_config(SAETrainConfig, config(data_dir, tmp_path / "lm",
+                                                 **{"lm.dir": tiny_lm_dir,
+                                                    "source.eval_paths": None})))
     with pytest.raises(ConfigError, match="'sae.d_in' = 16 is invalid: the arrays activations "
-                                          "has width 32"):
+                                          "have width 32"):
         train(from_config(SAETrainConfig, config(data_dir, tmp_path / "w", **{"sae.d_in": 16})))
     with pytest.raises(ConfigError, match="'source.paths' = None"):
         train(from_config(SAETrainConfig, config(data_dir, tmp_path / "p",

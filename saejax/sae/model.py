@@ -249,7 +249,10 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
     import dataclasses
 
     d, f = 8, max(16, 2 * config.k)
-    cfg = dataclasses.replace(config, d_in=d, n_features=f, precision="f32", aux_k=0)
+    # A penalty coefficient of 0 would leave the penalty's gradient unchecked for the
+    # process (the check is cached per architecture): check with a live one.
+    cfg = dataclasses.replace(config, d_in=d, n_features=f, precision="f32", aux_k=0,
+                              l1_coefficient=config.l1_coefficient or 3e-2)
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(32, d).astype(np.float32) + 0.5)
     params = init_params(jax.random.PRNGKey(1), cfg, jnp.full((d,), 0.1, jnp.float32))

@@ -9,9 +9,10 @@ steps in ``config.resample_steps`` (see ``step.should_resample``).
 2. the per-input loss (MSE over D + sparsity penalty) of the current model on the sample,
    computed ``resample_chunk_size`` rows at a time with ``lax.map``;
 3. one input per dead feature, drawn independently (with replacement, as in the paper)
-   with probability proportional to loss^2. Sampling is inverse-CDF: a cumulative sum of
-   loss^2 over S and one uniform per feature located by binary search, O(S + F log S)
-   memory and time; no [F, S] Gumbel matrix is ever built. The draws use
+   with probability proportional to loss^2: a categorical draw on log-weights in two
+   levels (a block of 512 inputs, then an input within it, each by Gumbel-max), exact up to
+   float32 rounding of the logs, O(S + F (S / 512 + 512)) time; no [F, S] Gumbel matrix is
+   ever built and no float32 running sum rounds small losses away. The draws use
    ``fold_in(fold_in(state.key, RESAMPLE_STREAM), step)``, so they are deterministic
    given the state and independent of the mesh;
 4. decoder row (the paper's dictionary column) = the unit-normalised input;
@@ -63,15 +64,50 @@ def chunked_loss(params: model.SAEParams, sample: Float[Array, "S D"], config: S
     return jnp.swapaxes(losses, 0, 1).reshape(s)
 
 
-def draw_inputs(key: Array, weights: Float[Array, " S"], n: int) -> Array:
+DRAW_BLOCK = 512   # inputs per block of the two-level categorical draw
+DRAW_CHUNK = 1024  # draws per lax.map step ([chunk, S / block] and [chunk, block] noise)
+
+
+def draw_table(weights: Float[Array, " S"], block: int = DRAW_BLOCK
+               ) -> tuple[Float[Array, "NB K"], Float[Array, " NB"]]:
+    """Log-weights laid out in blocks [nb, block] (-inf padding) and each block's log-mass.
+
+    The implied distribution of :func:`draw_inputs` is
+    P(j) = softmax(log_mass)[b] * softmax(logw[b])[j] for j = b * block + i.
+    """
+    s = weights.shape[0]
+    nb = -(-s // block)
+    logw = jnp.log(jnp.pad(weights.astype(jnp.float32), (0, nb * block - s)))  # -inf at 0
+    logw = logw.reshape(nb, block)
+    return logw, jax.nn.logsumexp(logw, axis=1)
+
+
+def draw_inputs(key: Array, weights: Float[Array, " S"], n: int, block: int = DRAW_BLOCK
+                ) -> Array:
     """``n`` independent draws of indices in [0, S) with probability proportional to weights.
 
-    Falls back to uniform draws if all weights are zero.
+    A categorical draw on log-weights in two levels, exact up to float32 rounding of the
+    logs: a block of ``block`` inputs by Gumbel-max over the blocks' log-masses
+    (logsumexp), then an input within it by Gumbel-max over its log-weights, so
+    P(j) = P(block) P(j | block) = w_j / sum(w) (:func:`draw_table`). No cumulative sum is
+    involved: an inverse CDF over the paper's 819,200 inputs in float32 rounds each
+    increment against a total ~10^6 times larger, which put the draws ~0.5% off in total
+    variation and gave inputs with a small loss probability exactly 0. Every input with a
+    positive weight keeps a positive probability here. Cost: F x (S / block + block) Gumbel
+    numbers, ``DRAW_CHUNK`` draws at a time (about 5 s for the paper's largest dictionary on
+    a 2-core CPU). Falls back to uniform draws if all weights are zero.
     """
     weights = jnp.where(jnp.sum(weights) > 0, weights, jnp.ones_like(weights))
-    cdf = jnp.cumsum(weights)
-    u = jax.random.uniform(key, (n,), jnp.float32) * cdf[-1]
-    idx = jnp.searchsorted(cdf, u, side="right")
+    logw, log_mass = draw_table(weights, block)
+    nb = log_mass.shape[0]
+
+    def chunk(i):
+        ko, ki = jax.random.split(jax.random.fold_in(key, i))
+        b = jnp.argmax(log_mass + jax.random.gumbel(ko, (DRAW_CHUNK, nb)), axis=1)
+        j = jnp.argmax(logw[b] + jax.random.gumbel(ki, (DRAW_CHUNK, block)), axis=1)
+        return b * block + j
+
+    idx = jax.lax.map(chunk, jnp.arange(-(-n // DRAW_CHUNK))).reshape(-1)[:n]
     return jnp.clip(idx, 0, weights.shape[0] - 1)
 
 

@@ -226,7 +226,7 @@ def make_train_step(config: SAEConfig, mesh: Mesh
 
     Raises:
       ConfigError: n_features does not split over the mesh.
-      AssertionError: the architecture's hand-written backward disagrees with autodiff of
+      RuntimeError: the architecture's hand-written backward disagrees with autodiff of
         its loss (:func:`saejax.sae.model.check_backward`, once per architecture).
     """
     check_mesh(config, mesh)
