@@ -68,7 +68,8 @@ class HostMetrics:
 
     Args:
       log_every: window length in steps; a window also ends at step ``end``.
-      end: the last step this run will execute.
+      end: the run's last step (``num_steps``; not an early stop, whose open window is
+        saved with the checkpoint, :meth:`get_state`, and completed after the resume).
       tokens_per_step: tokens (or activation rows) one step consumes.
       report: ``(step, window_means, last_values, tokens_per_s)``, called at each window's
         end (write scalars, update the progress bar).
@@ -99,6 +100,14 @@ class HostMetrics:
         if self._pending is not None:
             self._consume(*self._pending)
         self._pending = (step, metrics)
+
+    def get_state(self) -> dict:
+        """The open window's sums (JSON), saved with a checkpoint so that a resumed run
+        reports the same window means as an uninterrupted one."""
+        return {"sum": dict(self._sum), "n": self._n}
+
+    def set_state(self, state: dict) -> None:
+        self._sum, self._n = dict(state["sum"]), int(state["n"])
 
     def flush(self) -> None:
         """Consumes the pending step now (before a checkpoint, evaluation or resample)."""

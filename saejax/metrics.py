@@ -36,15 +36,19 @@ def _finite_or_str(v: float) -> float | str:
 class JsonlWriter:
     """Appends one JSON object per ``write_scalars`` call: ``{"step": s, "time": t, ...}``.
 
-    On resume the file is appended to; steps after the last checkpoint then appear twice
-    (the later record is the one of the resumed run).
+    ``resume_step``: the step a run restarts from. Records after it (written by the run
+    that died before its next checkpoint committed, and about to be written again) and a
+    line cut by a crash are removed first, so a resumed run's file ends up equal, step for
+    step, to the uninterrupted run's. The loop calls :meth:`flush` before every checkpoint.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
         self.path = os.fspath(path)
         self._f: TextIO | None = None
         if is_writer_process():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            if resume_step is not None and os.path.isfile(self.path):
+                _truncate_after(self.path, resume_step)
             self._f = open(self.path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -55,8 +59,10 @@ class JsonlWriter:
         self._f.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
+        """Writes buffered records through to the file (durable against a SIGKILL)."""
         if self._f is not None:
             self._f.flush()
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         if self._f is not None:
@@ -64,15 +70,38 @@ class JsonlWriter:
             self._f = None
 
 
-class TensorBoardWriter:
-    """TensorBoard scalar (and histogram) event files via tensorboardX."""
+def _truncate_after(path: str, step: int) -> None:
+    """Keeps the whole JSON records of ``path`` whose step is <= ``step`` (atomically)."""
+    keep = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and record["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
-    def __init__(self, logdir: str | os.PathLike):
+
+class TensorBoardWriter:
+    """TensorBoard scalar (and histogram) event files via tensorboardX.
+
+    ``resume_step``: TensorBoard drops the events logged after it by the run that died
+    (tensorboardX's ``purge_step``).
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, resume_step: int | None = None):
         self._w = None
         if is_writer_process():
             from tensorboardX import SummaryWriter  # only the writing process needs it
 
-            self._w = SummaryWriter(logdir=os.fspath(logdir), flush_secs=10)
+            purge = None if resume_step is None else resume_step + 1
+            self._w = SummaryWriter(logdir=os.fspath(logdir), flush_secs=10, purge_step=purge)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._w is None:
@@ -95,16 +124,21 @@ class TensorBoardWriter:
 
 
 class MetricWriter:
-    """TensorBoard events in ``logdir`` plus ``logdir/metrics.jsonl``; the loop's one writer."""
+    """TensorBoard events in ``logdir`` plus ``logdir/metrics.jsonl``; the loop's one writer.
+
+    ``resume_step``: the step the run (re)starts from; what a dead run logged after it is
+    dropped (see :class:`JsonlWriter`). None keeps everything.
+    """
 
     def __init__(self, logdir: str | os.PathLike, *, tensorboard: bool = True,
-                 jsonl: bool = True):
+                 jsonl: bool = True, resume_step: int | None = None):
         self.logdir = os.fspath(logdir)
         self._writers = []
         if tensorboard:
-            self._writers.append(TensorBoardWriter(self.logdir))
+            self._writers.append(TensorBoardWriter(self.logdir, resume_step=resume_step))
         if jsonl:
-            self._writers.append(JsonlWriter(os.path.join(self.logdir, "metrics.jsonl")))
+            self._writers.append(JsonlWriter(os.path.join(self.logdir, "metrics.jsonl"),
+                                             resume_step=resume_step))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         for w in self._writers:

@@ -200,7 +200,7 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
         # The record first: a checkpoint of an older layout fails here in one line.
         record = SAERunRecord.from_dict(ckpt.restore_metadata(), where=f"{ckpt.directory!r}")
         state, data_state, _ = ckpt.restore(abstract)
-        source.set_state(data_state)
+        source.set_state(data_state["source"])
         logging.info("resumed %s at step %d", cfg.workdir, int(state["sae"].step))
     else:
         record = _new_record(cfg, lm, source)
@@ -234,7 +234,7 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
 
     start = int(jax.device_get(state["sae"].step))
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
-    writer = MetricWriter(cfg.workdir)
+    writer = MetricWriter(cfg.workdir, resume_step=start)  # drops what a dead run logged later
     bar = ProgressBar(cfg.num_steps, start_step=start, enabled=cfg.progress_bar)
     summary: dict[str, Any] = {"eval": None, "interrupted": None, "resample_seconds": 0.0,
                                "resamples": [], "train_density": None}
@@ -251,8 +251,13 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
                              f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} "
                              f"(check the activations for NaN/Inf and lower sae.lr).") from None
 
-    host = HostMetrics(log_every=cfg.log_every, end=end, tokens_per_step=cfg.batch_size,
-                       report=report, on_nonfinite=stop_nonfinite, skip=("feature_counts",))
+    # end = num_steps, not stop_at: a run stopped early reports no partial window (its sums
+    # go into the checkpoint and the resumed run completes the window).
+    host = HostMetrics(log_every=cfg.log_every, end=cfg.num_steps,
+                       tokens_per_step=cfg.batch_size, report=report,
+                       on_nonfinite=stop_nonfinite, skip=("feature_counts",))
+    if start:
+        host.set_state(data_state["metrics"])
 
     def step(i: int):
         nonlocal state
@@ -289,7 +294,10 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
             state = {**state, "counts": jnp.zeros_like(state["counts"])}
 
     def save(done: int) -> None:
-        ckpt.save(done, state, data_state=source.get_state(), metadata=record.to_dict())
+        writer.flush()  # every record up to ``done`` is on disk before the checkpoint commits
+        ckpt.save(done, state, data_state={"source": source.get_state(),
+                                           "metrics": host.get_state()},
+                  metadata=record.to_dict())
 
     try:
         result = run_steps(

@@ -124,13 +124,23 @@ class _Packer:
 
 
 def _prepare_directory(job: CorpusJobConfig, fingerprint: str, settings: dict) -> dict | None:
-    """Returns the resumable metadata, or None to start fresh. Refuses to clobber."""
+    """Returns the resumable metadata, or None to start fresh. Refuses to clobber.
+
+    A half-written store built with other settings (e.g. a build that failed on a mistyped
+    corpus.path) can never be resumed by these settings: it is replaced, with a warning,
+    so that it does not block the corrected command. A complete one is refused.
+    """
     out = job.corpus.out_dir
     meta = token_store.read_metadata(out)
     if meta is not None and meta.get("fingerprint") == fingerprint and not job.corpus.overwrite:
         return meta
+    half_written = (meta is not None and meta.get("kind") == "token_store"
+                    and meta.get("status") != "complete")
+    if half_written:
+        logging.warning("replacing the half-written token store in %s (built with other "
+                        "settings; it cannot be resumed with these)", out)
     if meta is not None or (os.path.isdir(out) and os.listdir(out)):
-        if not job.corpus.overwrite:
+        if not job.corpus.overwrite and not half_written:
             if meta is None:
                 why = "it is a non-empty directory that is not a token store"
             else:
@@ -168,6 +178,8 @@ def build_token_store(job: CorpusJobConfig) -> token_store.TokenStore:
     cfg = job.corpus
     out = cfg.out_dir
     t0 = time.perf_counter()
+    if cfg.source in ("text", "jsonl"):
+        sources.expand_path(cfg.path)  # a mistyped path fails here, before anything is written
     fingerprint, settings = settings_fingerprint(job)
     meta = _prepare_directory(job, fingerprint, settings)
     if meta is not None and meta["status"] == "complete":

@@ -113,7 +113,7 @@ def stdlib_files() -> tuple[str, list[str]]:
     return root, sorted(out, key=lambda p: os.path.relpath(p, root))
 
 
-def _expand(path: str) -> tuple[str, list[str]]:
+def expand_path(path: str) -> tuple[str, list[str]]:
     """(root, sorted files) for a directory (recursive), a single file or a glob."""
     if os.path.isdir(path):
         files = []
@@ -194,7 +194,7 @@ def iter_documents(config: DocumentSpec, report: SourceReport) -> Iterator[Docum
     if config.source == "stdlib":
         root, files = stdlib_files()
         return _text_documents(root, files, report)
-    root, files = _expand(config.path)
+    root, files = expand_path(config.path)
     if config.source == "text":
         return _text_documents(root, files, report)
     return _jsonl_documents(root, files, config.text_field, report)

@@ -12,6 +12,11 @@ leaves a store that says exactly how far it got: opening it for reading raises
 :class:`IncompleteStoreError`, and re-running the same build resumes after the last
 committed chunk (re-deriving earlier chunks and checking their checksums).
 
+Reads are verified: the first read that touches a chunk reads the whole chunk, checks its
+sha256 against the metadata and its token ids against the vocabulary, and raises
+:class:`CorruptStoreError` naming the file and how to rebuild it; later reads of the chunk
+trust that check (benchmarks/RESULTS.md measures the cost).
+
 Legend: N contexts (rows), T tokens per context.
 """
 
@@ -60,11 +65,24 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def read_metadata(directory: str) -> dict | None:
+    """A store's metadata.json, or None if it has none.
+
+    Raises:
+      CorruptStoreError: the file is not valid JSON (the message names it).
+    """
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptStoreError(f"{path} is not valid JSON ({e}); the store's metadata is "
+                                f"damaged: rebuild the store") from None
+    if not isinstance(meta, dict):
+        raise CorruptStoreError(f"{path} holds a {type(meta).__name__}, not a store's metadata "
+                                f"record; rebuild the store")
+    return meta
 
 
 def _spec(directory: str, split: str) -> dict:
@@ -91,16 +109,19 @@ def open_array(directory: str, split: str, *, write: bool = False) -> ts.TensorS
 class TokenStore:
     """Read access to a completed token store.
 
-    Use :meth:`open`; it refuses half-written stores. ``read`` returns int32 tokens.
+    Use :meth:`open`; it refuses half-written stores. ``read`` returns int32 tokens, each
+    chunk verified on its first read (``verify_reads=False`` skips that, for benchmarks).
     """
 
-    def __init__(self, directory: str, metadata: dict):
+    def __init__(self, directory: str, metadata: dict, *, verify_reads: bool = True):
         self.directory = directory
         self.metadata = metadata
+        self.verify_reads = verify_reads
         self._arrays: dict[str, ts.TensorStore] = {}
+        self._verified: set[tuple[str, int]] = set()
 
     @classmethod
-    def open(cls, directory: str) -> TokenStore:
+    def open(cls, directory: str, *, verify_reads: bool = True) -> TokenStore:
         meta = read_metadata(directory)
         if meta is None:
             raise FileNotFoundError(f"no token store at {directory!r} ({METADATA_FILE} missing); "
@@ -113,7 +134,7 @@ class TokenStore:
                 f"token store {directory!r} is half-written (status={meta.get('status')!r}, rows "
                 f"committed so far: {done}); re-run the same build_corpus command to resume it, "
                 f"or set corpus.overwrite=true to start over")
-        store = cls(directory, meta)
+        store = cls(directory, meta, verify_reads=verify_reads)
         for split, info in meta["splits"].items():
             if info["rows"] and store.array(split).shape[0] < info["rows"]:
                 raise CorruptStoreError(f"{directory}/{split}.zarr has {store.array(split).shape[0]} "
@@ -158,28 +179,55 @@ class TokenStore:
         return self._arrays[split]
 
     def read(self, split: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a split as int32 [stop - start, T] (one tensorstore read)."""
+        """Rows [start, stop) of a split as int32 [stop - start, T] (one tensorstore read).
+
+        A chunk not read before is read whole and verified first (:meth:`check_chunk`).
+        """
         n = self.rows(split)
         if not 0 <= start <= stop <= n:
             raise IndexError(f"rows [{start}, {stop}) out of range for split {split!r} with {n} rows")
+        if self.verify_reads and stop > start:
+            first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
+            if first == last and (split, first) not in self._verified:
+                block = self.check_chunk(split, first)  # the whole chunk: slice it
+                lo = first * self.chunk_rows
+                return block[start - lo:stop - lo].astype(np.int32)
+            for i in range(first, last + 1):
+                if (split, i) not in self._verified:
+                    self.check_chunk(split, i)
         return self.array(split)[start:stop].read().result().astype(np.int32)
 
+    def check_chunk(self, split: str, index: int) -> np.ndarray:
+        """Reads chunk ``index`` whole and checks its sha256 and its token ids.
+
+        Raises:
+          CorruptStoreError: naming the file, the chunk and how to rebuild the store.
+        """
+        info = self.metadata["splits"][split]
+        lo = index * self.chunk_rows
+        hi = min(lo + self.chunk_rows, info["rows"])
+        block = self.array(split)[lo:hi].read().result()
+        where = f"token store {self.directory!r}: {split}.zarr chunk {index} (rows {lo}:{hi})"
+        fix = ("rebuild it with launch/build_corpus.py and corpus.overwrite=true (the settings "
+               "it was built with are in its metadata.json)")
+        if chunk_checksum(block) != info["chunks"][index]:
+            raise CorruptStoreError(f"{where} does not match its recorded sha256: the store is "
+                                    f"corrupt; {fix}")
+        if block.size and int(block.max()) >= self.vocab_size:
+            raise CorruptStoreError(f"{where} holds token id {int(block.max())}, outside the "
+                                    f"vocabulary of {self.vocab_size}; {fix}")
+        self._verified.add((split, index))
+        return block
+
     def verify(self, splits: tuple[str, ...] | None = None) -> None:
-        """Re-reads every chunk and checks it against the recorded sha256.
+        """Re-reads every chunk and checks it (sha256, token ids), verified before or not.
 
         Raises:
           CorruptStoreError: naming the first chunk that does not match.
         """
         for split in splits or tuple(self.metadata["splits"]):
-            info = self.metadata["splits"][split]
-            arr = self.array(split)
-            for i, digest in enumerate(info["chunks"]):
-                lo = i * self.chunk_rows
-                hi = min(lo + self.chunk_rows, info["rows"])
-                block = arr[lo:hi].read().result()
-                if chunk_checksum(block) != digest:
-                    raise CorruptStoreError(f"{self.directory}/{split}.zarr chunk {i} (rows "
-                                            f"{lo}:{hi}) does not match its recorded checksum")
+            for i in range(len(self.metadata["splits"][split]["chunks"])):
+                self.check_chunk(split, i)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{s}={self.rows(s)}" for s in self.metadata["splits"])

@@ -222,9 +222,10 @@ def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any
     start = int(jax.device_get(state.step))
     end = config.num_steps if stop_at is None else min(stop_at, config.num_steps)
 
-    writer = MetricWriter(config.workdir)
+    writer = MetricWriter(config.workdir, resume_step=start)  # drops what a dead run logged later
     bar = ProgressBar(config.num_steps, start_step=start, enabled=config.progress_bar)
-    writer.write_scalars(start, {"val/unigram_baseline": unigram["val_cross_entropy"],
+    if start == 0:
+        writer.write_scalars(0, {"val/unigram_baseline": unigram["val_cross_entropy"],
                                  "train/unigram_entropy": unigram["train_entropy"]})
     logging.info("unigram baseline: val %.4f nats/token (train entropy %.4f)",
                  unigram["val_cross_entropy"], unigram["train_entropy"])
@@ -247,9 +248,12 @@ def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any
                              f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr or "
                              f"raise optim.warmup_steps and resume).") from None
 
-    host = HostMetrics(log_every=config.log_every, end=end, tokens_per_step=tokens_per_step,
+    host = HostMetrics(log_every=config.log_every, end=config.num_steps,
+                       tokens_per_step=tokens_per_step,
                        report=report, on_nonfinite=stop_nonfinite,
                        finite_keys=("loss", "grad_norm"), what="training loss")
+    if start and "metrics" in data_state:  # checkpoints before 2026-11-30 have none
+        host.set_state(data_state["metrics"])
 
     def step(i: int):
         nonlocal state
@@ -262,7 +266,9 @@ def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any
             writer.write_scalars(done, {"val/loss": summary["val_loss"]})
 
     def save(done: int) -> None:
-        ckpt.save(done, state, data_state={"train": train_loader.get_state()},
+        writer.flush()  # every record up to ``done`` is on disk before the checkpoint commits
+        ckpt.save(done, state, data_state={"train": train_loader.get_state(),
+                                           "metrics": host.get_state()},
                   metadata=metadata)
 
     try:
