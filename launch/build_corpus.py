@@ -10,14 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saejax.config import ConfigError, from_config  # noqa: E402
-from saejax.data.corpus import CorpusJobConfig  # noqa: E402
-from saejax.data.corpus import build_token_store  # noqa: E402
-from saejax.data.sources import CorpusError  # noqa: E402
-from saejax.data.token_store import StoreError  # noqa: E402
+from saejax import cli  # noqa: E402
+from saejax.config import from_config  # noqa: E402
+from saejax.data.corpus import CorpusJobConfig, build_token_store  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/corpus_stdlib.py",
                                           "corpus config file (experiments/corpus_*.py)")
@@ -25,12 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/corpus_stdlib.p
 
 def main(argv):
     del argv
-    try:
-        job = from_config(CorpusJobConfig, _CONFIG.value)
-        store = build_token_store(job)
-    except (ConfigError, CorpusError, StoreError) as e:
-        logging.error("%s", e)
-        sys.exit(f"build_corpus: {e}")
+    store = build_token_store(from_config(CorpusJobConfig, _CONFIG.value))
     meta = store.metadata
     print(store)
     print(json.dumps({"report": meta["report"],
@@ -41,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("build_corpus", main)

@@ -20,7 +20,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from saejax import cli  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "SAE training workdir (saejax.train checkpoints)")
 flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default latest)")
@@ -59,15 +61,15 @@ def load_inputs(sae_path: str | None, workdir: str | None, step: int | None,
         extra = {} if record.lm is None else {"lm_dir": record.lm.dir,
                                               "store_dir": record.lm.token_store}
     if sae.site is None:
-        raise ValueError("the dictionary names no LM site (trained on activations alone); "
-                         "steering needs one")
+        raise cli.UsageError("the dictionary names no LM site (it was trained on activations "
+                             "alone); steering needs one")
     lm_dir = lm_dir or extra.get("lm_dir")
     if not lm_dir:
-        raise ValueError("no LM: pass --lm_dir (the SAE export names none)")
+        raise cli.UsageError("no LM: pass --lm_dir (the SAE export names none)")
     model, meta = load_lm(lm_dir)
     store_dir = store_dir or extra.get("store_dir") or meta.get("store_dir")
     if not store_dir:
-        raise ValueError("no tokenizer: pass --store_dir (a token store directory)")
+        raise cli.UsageError("no tokenizer: pass --store_dir (a token store directory)")
     return model, sae, load_tokenizer(store_dir)
 
 
@@ -76,18 +78,15 @@ def main(argv):
     from saejax.analysis.steering import steer_text
 
     if (FLAGS.value is None) == (FLAGS.scale is None):
-        sys.exit("steer: give exactly one of --value (clamp) or --scale (add)")
+        raise cli.UsageError("give exactly one of --value (clamp) or --scale (add)")
     if (FLAGS.sae is None) == (FLAGS.workdir is None):
-        sys.exit("steer: give exactly one of --workdir (an SAE run) or --sae (an export)")
-    try:
-        model, sae, tokenizer = load_inputs(FLAGS.sae, FLAGS.workdir, FLAGS.step, FLAGS.lm_dir,
-                                            FLAGS.store_dir)
-        out = steer_text(model, sae, tokenizer, FLAGS.prompt, feature=FLAGS.feature,
-                         value=FLAGS.value, scale=FLAGS.scale, num_tokens=FLAGS.num_tokens,
-                         num_samples=FLAGS.num_samples, temperature=FLAGS.temperature,
-                         top_k=FLAGS.top_k, seed=FLAGS.seed)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"steer: {e}")
+        raise cli.UsageError("give exactly one of --workdir (an SAE run) or --sae (an export)")
+    model, sae, tokenizer = load_inputs(FLAGS.sae, FLAGS.workdir, FLAGS.step, FLAGS.lm_dir,
+                                        FLAGS.store_dir)
+    out = steer_text(model, sae, tokenizer, FLAGS.prompt, feature=FLAGS.feature,
+                     value=FLAGS.value, scale=FLAGS.scale, num_tokens=FLAGS.num_tokens,
+                     num_samples=FLAGS.num_samples, temperature=FLAGS.temperature,
+                     top_k=FLAGS.top_k, seed=FLAGS.seed)
     how = (f"clamped to {FLAGS.value}" if FLAGS.value is not None
            else f"decoder direction added x{FLAGS.scale}")
     if FLAGS.json:
@@ -101,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("steer", main)

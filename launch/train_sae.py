@@ -17,34 +17,25 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saejax import parallel  # noqa: E402
-from saejax.config import ConfigError, from_config  # noqa: E402
+from saejax import cli, parallel  # noqa: E402
+from saejax.config import from_config  # noqa: E402
 from saejax.metrics import quiet_orbax_logs  # noqa: E402
 from saejax.train_config import SAETrainConfig  # noqa: E402
 
+_ALLOW = cli.define_allow_changes()
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/sae_tiny.py", "SAE config")
 
 
-@parallel.exit_hard_on_error("train_sae")
 def main(argv):
     del argv
     quiet_orbax_logs()
-    try:
-        cfg = from_config(SAETrainConfig, _CONFIG.value)
-    except ConfigError as e:
-        sys.exit(f"train_sae: {e}")
+    cfg = from_config(SAETrainConfig, _CONFIG.value)
     parallel.initialize_distributed(cfg.distributed)
-    from saejax.data.token_store import StoreError
-    from saejax.loop import NonFiniteError
     from saejax.train import train
 
-    try:
-        summary = train(cfg)
-    except (ConfigError, StoreError, FileNotFoundError, NonFiniteError) as e:
-        parallel.exit_with_error("train_sae", e)
+    summary = train(cfg, allow_changes=tuple(_ALLOW.value))
     shown = {k: v for k, v in summary.items() if k not in ("train", "bundle", "train_density")}
     print(json.dumps(shown, indent=1, default=str))
     if summary["interrupted"]:
@@ -54,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("train_sae", main)

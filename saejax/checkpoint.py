@@ -11,7 +11,11 @@ Restore may target a different mesh than the one that saved: pass an abstract py
 ``jax.ShapeDtypeStruct`` carrying the new shardings (:func:`abstract_with_shardings`). Every
 jax process takes part in save and restore; orbax writes from the primary process.
 Half-written (async, interrupted) steps are never listed, so the latest *complete* step is
-always what :meth:`Checkpointer.restore` returns.
+always what :meth:`Checkpointer.restore` returns. A complete step that cannot be read back
+(a file truncated or damaged after it was written) is skipped with a warning naming it, and
+the newest intact step is restored instead. orbax deletes the steps beyond ``keep`` only
+after a newer one has committed; a save that fails (e.g. the disk is full) raises at the
+next save, :meth:`wait` or :meth:`close` and leaves the older steps in place.
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ import flax
 import jax
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 
 STATE, DATA, METADATA = "state", "data", "metadata"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """No checkpoint step of a directory can be read back."""
 
 
 def abstract_with_shardings(tree: Any, shardings: Any | None = None) -> Any:
@@ -55,12 +64,19 @@ class Checkpointer:
       ckpt.close()  # waits for pending async writes
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """``read_only``: for restoring only; a missing directory is a FileNotFoundError and
+        nothing is ever created or deleted."""
         self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoints in {self.directory!r} (no such directory)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+            read_only=read_only)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE, DATA, METADATA))
+        self.restored_step: int | None = None  # the step the last restore() read
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
@@ -104,16 +120,41 @@ class Checkpointer:
           abstract_state: pytree of ShapeDtypeStructs with target shardings (see
             :func:`abstract_with_shardings`); arrays are restored onto those shardings, which
             may describe a different mesh than the one that saved.
-          step: which step; default the latest complete one.
+          step: which step; default the newest one that restores (a damaged newer step is
+            skipped with a warning). ``restored_step`` tells which.
           partial: restore only the subtrees present in ``abstract_state`` (e.g. the SAE
             parameters without the shuffle buffer saved beside them).
 
         Raises:
           FileNotFoundError: if there is no checkpoint.
+          CorruptCheckpointError: no step restores (the message names each one's error).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        if step is not None:
+            out = self._restore(abstract_state, step, partial)
+            self.restored_step = step
+            return out
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        errors = []
+        for s in steps:
+            try:
+                out = self._restore(abstract_state, s, partial)
+            except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
+                msg = " ".join(str(e).split())[:300]
+                errors.append(f"step {s}: {type(e).__name__}: {msg}")
+                logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying "
+                                "the previous one", s, self.directory, type(e).__name__, msg)
+                continue
+            if s != steps[0]:
+                logging.warning("restored step %d of %s: the newer step(s) %s could not be read",
+                                s, self.directory, [t for t in steps if t > s])
+            self.restored_step = s
+            return out
+        raise CorruptCheckpointError(f"no checkpoint in {self.directory} can be restored: "
+                                     + "; ".join(errors))
+
+    def _restore(self, abstract_state: Any, step: int, partial: bool) -> tuple[Any, dict, dict]:
         args = ocp.args.Composite(**{
             STATE: ocp.args.PyTreeRestore(
                 item=abstract_state, partial_restore=True,

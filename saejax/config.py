@@ -142,6 +142,43 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
+                ) -> list[tuple[str, Any, Any]]:
+    """The fields (dotted names) whose values differ between two config dicts, as
+    ``(field, old, new)``; tuples and lists compare equal (a JSON round trip makes one the
+    other). A field missing on one side is ``None`` there."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_diff(a, b, prefix=name + ".")
+        elif _plain(a) != _plain(b):
+            out.append((name, _plain(a), _plain(b)))
+    return out
+
+
+def check_resume(diffs: list[tuple[str, Any, Any]], allowed: Sequence[str], where: str) -> None:
+    """Raises ConfigError listing the changed fields that ``allowed`` does not name.
+
+    An entry of ``allowed`` names a field ("num_steps") or a whole section ("eval").
+    """
+    def ok(field: str) -> bool:
+        return any(field == a or field.startswith(a + ".") for a in allowed)
+
+    bad = [d for d in diffs if not ok(d[0])]
+    if bad:
+        shown = "; ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in bad)
+        names = ",".join(f for f, _, _ in bad)
+        raise ConfigError(f"{where} was trained with another config ({shown}); resuming it would "
+                          f"silently change the experiment: use the saved values, a new workdir, "
+                          f"or allow the change with --allow_changes={names}")
+
+
 def replace(obj: T, **changes: Any) -> T:
     """``dataclasses.replace`` that re-validates."""
     return dataclasses.replace(obj, **changes)

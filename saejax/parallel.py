@@ -242,45 +242,23 @@ def initialize_distributed(config: DistributedConfig) -> None:
                  jax.device_count(), jax.default_backend())
 
 
-def exit_with_error(prog: str, error: BaseException) -> typing.NoReturn:
-    """Ends a launch script on a fatal error, without hanging a multi-process run.
+def exit_with_error(prog: str, error: BaseException | str, code: int = 1) -> typing.NoReturn:
+    """Ends a launch script on a fatal error (one line on stderr, exit ``code``) without
+    hanging a multi-process run.
 
     ``sys.exit`` after ``jax.distributed.initialize`` waits at jax's shutdown barrier for
     every other process (up to 300 s) when only this one failed; a hard exit lets the
     launcher see the failure at once.
     """
-    logging.error("%s: %s", prog, error)
     if jax.process_count() > 1:
+        error = f"process {jax.process_index()} of {jax.process_count()} stopped: {error}"
+        logging.error("%s: %s", prog, error)
         logging.flush()
         sys.stderr.write(f"{prog}: {error}\n")
         sys.stderr.flush()
-        os._exit(1)
-    sys.exit(f"{prog}: {error}")
-
-
-def exit_hard_on_error(prog: str):
-    """Decorates a launch script's ``main``: in a multi-process run, any uncaught exception
-    (e.g. a collective failing because another process died) is logged with its traceback
-    and ends this process at once through :func:`exit_with_error`, instead of waiting at
-    jax's shutdown barrier for processes that will never arrive."""
-    import functools
-    import traceback
-
-    def wrap(main):
-        @functools.wraps(main)
-        def wrapped(*args, **kwargs):
-            try:
-                return main(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - re-raised unless multi-process
-                if not (jax.distributed.is_initialized() and jax.process_count() > 1):
-                    raise
-                sys.stderr.write(traceback.format_exc())
-                exit_with_error(prog, RuntimeError(
-                    f"process {jax.process_index()} of {jax.process_count()} stopped: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
-        return wrapped
-
-    return wrap
+        os._exit(code)
+    sys.stderr.write(f"{prog}: {error}\n")
+    sys.exit(code)
 
 
 def mesh_summary(mesh: Mesh) -> str:

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from saejax import parallel
-from saejax.config import ConfigError, MeshConfig, from_config, to_dict
+from saejax.config import ConfigError, MeshConfig, check_resume, config_diff, from_config, to_dict
 from saejax.normalize import ActivationStats, Normalizer
 from saejax.sae.bundle import SAEBundle
 from saejax.train_config import SAETrainConfig
 
 RECORD_FORMAT = 2
 CHECKPOINTS = "checkpoints"
+# Config fields that may differ on a resume without changing the experiment.
+ALWAYS_ALLOWED = ("workdir", "progress_bar", "mesh", "distributed", "checkpoint.async_save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,8 @@ class SAERunRecord:
       normalizer: what the inputs were multiplied by.
       stats: the activation statistics the normaliser came from (LM units).
       versions: library versions of the run.
+      changes: config changes allowed on resumes, each ``{"step", "field", "old", "new"}``
+        (the step the changed run resumed from).
       step: the checkpoint step this record was read from (None when not read from one).
     """
 
@@ -70,13 +75,37 @@ class SAERunRecord:
     normalizer: Normalizer
     stats: ActivationStats
     versions: dict[str, str]
+    changes: tuple[dict[str, Any], ...] = ()
     step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": RECORD_FORMAT, "config": to_dict(self.config), "site": self.site,
                 "lm": None if self.lm is None else dataclasses.asdict(self.lm),
                 "data": self.data, "normalizer": self.normalizer.to_dict(),
-                "stats": self.stats.to_dict(), "versions": self.versions}
+                "stats": self.stats.to_dict(), "versions": self.versions,
+                "changes": list(self.changes)}
+
+    def resumed_with(self, config: SAETrainConfig, step: int, allowed: Sequence[str] = (),
+                     where: str = "the run") -> SAERunRecord:
+        """The record of this run resumed at ``step`` with ``config``.
+
+        Fields of :data:`ALWAYS_ALLOWED` (they do not change the experiment) and those named
+        in ``allowed`` may differ; each difference is kept in ``changes`` with the step.
+
+        Raises:
+          ConfigError: a field changed that is not allowed, or ``num_steps`` is below
+            ``step``.
+        """
+        if config.num_steps < step:
+            raise ConfigError(f"config field 'num_steps' = {config.num_steps} is invalid: "
+                              f"{where} is at step {step} already; raise num_steps to continue "
+                              f"it (--allow_changes=num_steps) or use a new workdir")
+        diffs = config_diff(to_dict(self.config), to_dict(config))
+        check_resume(diffs, (*ALWAYS_ALLOWED, *allowed), where)
+        if not diffs:
+            return self
+        new = tuple({"step": step, "field": f, "old": a, "new": b} for f, a, b in diffs)
+        return dataclasses.replace(self, config=config, changes=self.changes + new)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, step: int | None = None,
@@ -94,13 +123,13 @@ class SAERunRecord:
                    lm=None if d["lm"] is None else LMIdentity(**d["lm"]), data=d["data"],
                    normalizer=Normalizer.from_dict(d["normalizer"]),
                    stats=ActivationStats.from_dict(d["stats"]), versions=d["versions"],
-                   step=step)
+                   changes=tuple(d.get("changes", ())), step=step)
 
 
 def _checkpointer(workdir: str):
     from saejax.checkpoint import Checkpointer
 
-    return Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False)
+    return Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False, read_only=True)
 
 
 def load_record(workdir: str, *, step: int | None = None) -> SAERunRecord:
@@ -136,13 +165,16 @@ def load_sae(workdir: str, *, step: int | None = None,
     mesh = mesh or parallel.make_mesh(MeshConfig())
     ckpt = _checkpointer(workdir)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        latest = ckpt.latest_step() if step is None else step
+        if latest is None:
             raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
-        record = SAERunRecord.from_dict(ckpt.restore_metadata(step), step=step,
-                                        where=f"{workdir!r} step {step}")
-        abstract = {"sae": abstract_state(record.config.sae, mesh)}
-        state, _, _ = ckpt.restore(abstract, step, partial=True)
+        config = SAERunRecord.from_dict(ckpt.restore_metadata(latest),
+                                        where=f"{workdir!r} step {latest}").config
+        abstract = {"sae": abstract_state(config.sae, mesh)}
+        # Without a step: the newest step that restores (a damaged newer one is skipped).
+        state, _, meta = ckpt.restore(abstract, step, partial=True)
+        record = SAERunRecord.from_dict(meta, step=ckpt.restored_step,
+                                        where=f"{workdir!r} step {ckpt.restored_step}")
     finally:
         ckpt.close()
     bundle = SAEBundle(params=state["sae"].params, config=record.config.sae,

@@ -151,8 +151,8 @@ class _Evaluation:
 # ---------------------------------------------------------------------------------------
 
 
-def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
-          ) -> dict[str, Any]:
+def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ...] = (),
+          stop_at: int | None = None) -> dict[str, Any]:
     """Trains (or resumes) the dictionary ``cfg`` describes.
 
     Args:
@@ -160,6 +160,9 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
       activations: with ``cfg.source.kind == "arrays"``, the activations themselves (a numpy
         array [N, D] or a list of them) instead of ``cfg.source.paths``; written once into
         ``<workdir>/activations``.
+      allow_changes: config fields (or sections) that may differ from the checkpoint's when
+        resuming, e.g. ("num_steps",) to extend a run; the run record keeps each change
+        with its step. Other changes are refused.
       stop_at: stop (with a checkpoint) after this step; for tests of interruption.
 
     Returns:
@@ -198,8 +201,17 @@ def train(cfg: SAETrainConfig, *, activations=None, stop_at: int | None = None
                                                sharding=counts_sharding)}
     if ckpt.latest_step() is not None:
         # The record first: a checkpoint of an older layout fails here in one line.
-        record = SAERunRecord.from_dict(ckpt.restore_metadata(), where=f"{ckpt.directory!r}")
-        state, data_state, _ = ckpt.restore(abstract)
+        where = f"the run in {cfg.workdir!r}"
+        try:  # refuse a changed config before reading any array
+            SAERunRecord.from_dict(ckpt.restore_metadata(), where=where).resumed_with(
+                cfg, ckpt.latest_step(), allow_changes, where)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - a damaged newest step: restore() skips it
+            pass
+        state, data_state, meta = ckpt.restore(abstract)  # the newest step that restores
+        record = SAERunRecord.from_dict(meta, where=where).resumed_with(
+            cfg, ckpt.restored_step, allow_changes, where)
         source.set_state(data_state["source"])
         logging.info("resumed %s at step %d", cfg.workdir, int(state["sae"].step))
     else:

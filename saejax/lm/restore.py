@@ -48,7 +48,11 @@ def load_lm(path: str, *, step: int | None = None, mesh: jax.sharding.Mesh | Non
 
         return load_gpt2(path), {"hf_config_dir": os.path.abspath(path)}
     mesh = mesh or parallel.make_mesh(MeshConfig())
-    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    try:
+        ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no LM checkpoint in {path!r}: give an LM training workdir "
+                                f"(launch/train_lm.py's --config.workdir)") from None
     try:
         step = ckpt.latest_step() if step is None else step
         meta = ckpt.restore_metadata(step)

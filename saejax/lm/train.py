@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, Int
 
 from saejax import parallel
 from saejax.checkpoint import Checkpointer, abstract_with_shardings, versions
-from saejax.config import ConfigError, replace, to_dict
+from saejax.config import ConfigError, check_resume, config_diff, replace, to_dict
 from saejax.lm.config import LMTrainConfig, ModelConfig, OptimConfig
 from saejax.lm.model import abstract_model, forward, init_params, param_shardings, split_params
 from saejax.loop import HostMetrics, NonFiniteError, run_steps
@@ -179,11 +179,32 @@ def evaluate(fns: StepFns, params: nnx.State, loader, num_batches: int) -> float
         loader.set_state(start)
 
 
-def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any]:
+# Config fields that may differ on a resume without changing the experiment.
+ALWAYS_ALLOWED = ("workdir", "progress_bar", "mesh", "distributed", "async_checkpoints")
+
+
+def _resume_changes(saved_meta: dict, config: LMTrainConfig, step: int,
+                    allowed: tuple[str, ...], where: str) -> list[dict]:
+    """The run's config changes with this resume's (refusing those not allowed)."""
+    if config.num_steps < step:
+        raise ConfigError(f"config field 'num_steps' = {config.num_steps} is invalid: {where} "
+                          f"is at step {step} already; raise num_steps to continue it "
+                          f"(--allow_changes=num_steps) or use a new workdir")
+    diffs = config_diff(saved_meta.get("train", {}), to_dict(config))
+    check_resume(diffs, (*ALWAYS_ALLOWED, *allowed), where)
+    return list(saved_meta.get("changes", [])) + [
+        {"step": step, "field": f, "old": a, "new": b} for f, a, b in diffs]
+
+
+def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
+          stop_at: int | None = None) -> dict[str, Any]:
     """Trains (or resumes) the LM described by ``config``.
 
     Args:
       config: the run; ``config.workdir`` holds checkpoints and metrics.
+      allow_changes: config fields (or sections) that may differ from the checkpoint's when
+        resuming (e.g. ("num_steps",)); each change is kept in the checkpoint metadata's
+        "changes" with its step. Other changes are refused with ConfigError.
       stop_at: stop after this step (checkpointing it) without changing the LR schedule;
         used to test interruption and resumption in-process.
 
@@ -215,8 +236,18 @@ def train(config: LMTrainConfig, *, stop_at: int | None = None) -> dict[str, Any
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"),
                         keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     if ckpt.latest_step() is not None:
+        where = f"the LM run in {config.workdir!r}"
+        try:  # refuse a changed config before reading any array
+            _resume_changes(ckpt.restore_metadata(), config, ckpt.latest_step(), allow_changes,
+                            where)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - a damaged newest step: restore() skips it
+            pass
         abstract = abstract_with_shardings(jax.eval_shape(lambda: state), fns.state_shardings)
-        state, data_state, _ = ckpt.restore(abstract)
+        state, data_state, saved_meta = ckpt.restore(abstract)  # the newest step that restores
+        metadata["changes"] = _resume_changes(saved_meta, config, ckpt.restored_step,
+                                              allow_changes, where)
         train_loader.set_state(data_state["train"])
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start = int(jax.device_get(state.step))

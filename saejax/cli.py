@@ -1,0 +1,101 @@
+"""Launch-script plumbing: one clear line for every error, exit codes, --verbose.
+
+Every script in ``launch/`` runs its ``main`` through :func:`run`:
+
+* a usage or config error (a bad flag, an unknown ``--config.x`` field, a
+  :class:`~saejax.config.ConfigError`) prints ``prog: <what is wrong>`` on one line and
+  exits with code 2;
+* any other failure (a store or checkpoint problem, a missing file, a full disk, a
+  non-finite loss, ...) prints one line the same way and exits with code 1; an exception
+  that is not one of saejax's own or the system's says it is internal;
+* the traceback is printed only with ``--verbose``;
+* in a multi-process run the failing process exits at once (no hang at jax's shutdown
+  barrier waiting for processes that will never arrive; :func:`saejax.parallel.exit_with_error`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import traceback
+import zipfile
+from collections.abc import Callable
+
+from absl import app, flags
+
+from saejax.config import ConfigError
+
+USAGE_EXIT, RUNTIME_EXIT = 2, 1
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "on an error, print its traceback too "
+                             "(default: one line)")
+
+
+class UsageError(ConfigError):
+    """The flags of a launch script do not fit together (exit code 2)."""
+
+
+def define_allow_changes() -> flags.FlagHolder:
+    """The training scripts' ``--allow_changes`` flag."""
+    return flags.DEFINE_list(
+        "allow_changes", [], "config fields (or sections) that may differ from the "
+        "checkpoint's when resuming, e.g. num_steps,eval.every; the run's record keeps each "
+        "change with its step")
+
+
+def _saejax_errors() -> tuple[type[BaseException], ...]:
+    from saejax.data.sources import CorpusError
+    from saejax.data.token_store import StoreError
+    from saejax.loop import NonFiniteError
+
+    return (ConfigError, StoreError, CorpusError, NonFiniteError, FileNotFoundError,
+            OSError, zipfile.BadZipFile, json.JSONDecodeError, ValueError, KeyError)
+
+
+def describe(error: BaseException) -> str:
+    """One line for ``error``: its message, with what kind of failure it is when useful."""
+    msg = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, KeyError):
+        msg = f"unknown key {msg}"
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        if error.errno == errno.ENOSPC:
+            msg = (f"no space left on the device ({msg}); the last complete checkpoint is "
+                   f"intact: free some space and re-run the same command to resume")
+        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            msg = f"cannot write or read a file ({msg}); check the paths' permissions"
+    if not isinstance(error, _saejax_errors()):
+        msg = f"internal error: {type(error).__name__}: {msg} (--verbose prints the traceback)"
+    return msg
+
+
+def exit_code(error: BaseException) -> int:
+    return USAGE_EXIT if isinstance(error, ConfigError) else RUNTIME_EXIT
+
+
+def _parse_flags(prog: str) -> Callable[[list[str]], list[str]]:
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            sys.stderr.write(f"{prog}: {' '.join(str(e).split())} (--helpfull lists the "
+                             f"flags)\n")
+            sys.exit(USAGE_EXIT)
+    return parse
+
+
+def run(prog: str, main: Callable[[list[str]], None]) -> None:
+    """``absl.app.run(main)`` with saejax's error handling (see the module docstring)."""
+    from saejax import parallel
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # noqa: BLE001 - every error becomes one line
+            if _VERBOSE.value:
+                traceback.print_exc()
+            parallel.exit_with_error(prog, describe(e), code=exit_code(e))
+
+    app.run(wrapped, flags_parser=_parse_flags(prog))
