@@ -72,10 +72,10 @@ class Checkpointer:
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoints in {self.directory!r} (no such directory)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
-            read_only=read_only)
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE, DATA, METADATA))
+        self.read_only = read_only
         self.restored_step: int | None = None  # the step the last restore() read
 
     def latest_step(self) -> int | None:
@@ -147,12 +147,33 @@ class Checkpointer:
                                 "the previous one", s, self.directory, type(e).__name__, msg)
                 continue
             if s != steps[0]:
+                damaged = [t for t in steps if t > s]
                 logging.warning("restored step %d of %s: the newer step(s) %s could not be read",
-                                s, self.directory, [t for t in steps if t > s])
+                                s, self.directory, damaged)
+                if not self.read_only:
+                    self._set_aside(damaged)
             self.restored_step = s
             return out
         raise CorruptCheckpointError(f"no checkpoint in {self.directory} can be restored: "
                                      + "; ".join(errors))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames damaged steps to ``<step>.damaged`` (kept for inspection, no longer listed),
+        so that the resumed run can write those steps again. Process 0 renames; all wait."""
+        if jax.process_index() == 0:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst = f"{src}.damaged"
+                n = 1
+                while os.path.exists(dst):
+                    dst, n = f"{src}.damaged{n}", n + 1
+                os.rename(src, dst)
+                logging.warning("moved the unreadable checkpoint step %d aside to %s", s, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("saejax_set_aside_damaged_steps")
+        self._manager.reload()
 
     def _restore(self, abstract_state: Any, step: int, partial: bool) -> tuple[Any, dict, dict]:
         args = ocp.args.Composite(**{

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sys
 import traceback
 import zipfile
@@ -73,13 +74,32 @@ def exit_code(error: BaseException) -> int:
     return USAGE_EXIT if isinstance(error, ConfigError) else RUNTIME_EXIT
 
 
+def _flag_error(error: BaseException, argv: list[str]) -> str:
+    """One line for an error raised while parsing flags (ml_collections raises plain
+    AttributeError / KeyError / TypeError for a bad ``--config.x`` override)."""
+    msg = str(error)
+    if isinstance(error, (AttributeError, KeyError)):
+        msg = msg.strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        key = re.search(r"'([^']+)'", msg)
+        arg = next((a for a in argv[1:] if key and re.search(rf"[.]{re.escape(key.group(1))}\b", a)),
+                   None)
+        msg = (f"flag {arg.split('=')[0]} names an unknown config field: {msg}" if arg
+               else f"unknown config field: {msg}")
+    return " ".join(msg.split())
+
+
 def _parse_flags(prog: str) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
-        except flags.Error as e:
-            sys.stderr.write(f"{prog}: {' '.join(str(e).split())} (--helpfull lists the "
-                             f"flags)\n")
+            rest = flags.FLAGS(argv)
+            for name in list(flags.FLAGS):  # a config file that failed to load fails here
+                value = flags.FLAGS[name].value
+                if type(value).__name__ == "_ErrorConfig":  # ml_collections' placeholder
+                    value.to_dict()  # raises its IOError
+            return rest
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+                SyntaxError, ImportError) as e:
+            sys.stderr.write(f"{prog}: {_flag_error(e, argv)} (--helpfull lists the flags)\n")
             sys.exit(USAGE_EXIT)
     return parse
 

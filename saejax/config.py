@@ -56,8 +56,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _display(name: str) -> str:
+    """A field's name as messages show it: the root's "config." prefix dropped."""
+    return name[len("config."):] if name.startswith("config.") else name
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Converts a ConfigDict leaf to the annotated type, or raises ConfigError."""
+    """Converts a ConfigDict leaf to the annotated type, or raises ConfigError.
+
+    ``name`` is the dotted path from the root ("config.source.kind"); messages name the
+    field as the dataclasses' own checks do ("source.kind").
+    """
+    field = _display(name)
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -72,30 +82,30 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return _coerce(name, value, arg)
             except ConfigError:
                 pass
-        _fail(name, value, f"must be {' or '.join(_type_name(a) for a in args)}")
+        _fail(field, value, f"must be {' or '.join(_type_name(a) for a in args)}")
     if origin is Literal:
-        check_choice(name, value, get_args(tp))
+        check_choice(field, value, get_args(tp))
         return value
     if origin in (tuple, Sequence, list):
-        check(name, value, isinstance(value, (list, tuple)), "must be a sequence")
+        check(field, value, isinstance(value, (list, tuple)), "must be a sequence")
         args = get_args(tp)
         item = args[0] if args else Any
         return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return from_config(tp, value, prefix=name)
     if tp is bool:
-        check(name, value, isinstance(value, bool), "must be a bool (true/false)")
+        check(field, value, isinstance(value, bool), "must be a bool (true/false)")
         return value
     if tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        check(name, value, ok, "must be an integer")
+        check(field, value, ok, "must be an integer")
         return value
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        check(name, value, ok, "must be a number")
+        check(field, value, ok, "must be a number")
         return float(value)
     if tp is str:
-        check(name, value, isinstance(value, str), "must be a string")
+        check(field, value, isinstance(value, str), "must be a string")
         return value
     return value
 

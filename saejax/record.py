@@ -29,8 +29,10 @@ from saejax.train_config import SAETrainConfig
 
 RECORD_FORMAT = 2
 CHECKPOINTS = "checkpoints"
-# Config fields that may differ on a resume without changing the experiment.
-ALWAYS_ALLOWED = ("workdir", "progress_bar", "mesh", "distributed", "checkpoint.async_save")
+# Config fields that may differ on a resume without changing the experiment. (A mesh change
+# must be allowed explicitly: with source.kind "lm" the shuffle buffer is laid out per
+# data-parallel shard, so the data-parallel size must stay.)
+ALWAYS_ALLOWED = ("workdir", "progress_bar", "distributed", "checkpoint.async_save")
 
 
 @dataclasses.dataclass(frozen=True)

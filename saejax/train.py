@@ -71,6 +71,41 @@ def make_source(cfg: SAETrainConfig, mesh, lm: LMSource | None,
     return StoreSource(store, mesh, kind="arrays", **common)
 
 
+def check_provenance(cfg: SAETrainConfig, lm: LMSource | None, source: ActivationSource,
+                     record: SAERunRecord | None = None) -> None:
+    """Refuses activations that do not belong to this run, in one line.
+
+    A store harvested from an LM must come from the run's LM (same checkpoint step and token
+    store) at the run's site; on a resume (``record`` given), the data must be the data the
+    run started on (same store contents), so its normalisation still holds.
+
+    Raises:
+      ConfigError: naming the field and both values.
+    """
+    ident = source.identity()
+    if lm is not None and ident["kind"] == "store":
+        plan_site, plan_lm = ident.get("site"), ident.get("lm") or {}
+        if plan_site is not None and plan_site != lm.site:
+            raise ConfigError(f"config field 'source.store_dir' = {cfg.source.store_dir!r} is "
+                              f"invalid: it holds activations of site {plan_site!r}, but the "
+                              f"run reads {lm.site!r} (lm.site); harvest that site or set "
+                              f"lm.site={plan_site!r}")
+        if plan_lm:
+            theirs = (plan_lm.get("step"), plan_lm.get("store"))
+            ours = (lm.meta.get("step"), lm.store.metadata.get("fingerprint"))
+            if theirs != ours:
+                raise ConfigError(
+                    f"config field 'source.store_dir' = {cfg.source.store_dir!r} is invalid: it "
+                    f"was harvested from another LM checkpoint (step, token store) = {theirs} "
+                    f"than lm.dir={cfg.lm.dir!r} {ours}; harvest it from this LM or point "
+                    f"lm.dir at the one it came from ({plan_lm.get('dir')!r})")
+    if record is not None and record.data.get("fingerprint") != ident.get("fingerprint"):
+        raise ConfigError(f"the run in {cfg.workdir!r} started on other activations "
+                          f"({record.data.get('kind')} {record.data.get('fingerprint')!r}, now "
+                          f"{ident.get('fingerprint')!r}): its normalisation and data order "
+                          f"no longer hold; resume it on its data or start a new workdir")
+
+
 def _new_record(cfg: SAETrainConfig, lm: LMSource | None, source: ActivationSource
                 ) -> SAERunRecord:
     stats = source.statistics()
@@ -191,6 +226,7 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
     if source.width != cfg.sae.d_in:
         raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: the "
                           f"{cfg.source.kind} activations have width {source.width}")
+    check_provenance(cfg, lm, source)  # a store from another LM or site: refused at once
     ckpt = Checkpointer(os.path.join(cfg.workdir, CHECKPOINTS), keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     train_step = make_train_step(cfg.sae, mesh)
@@ -212,6 +248,7 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
         state, data_state, meta = ckpt.restore(abstract)  # the newest step that restores
         record = SAERunRecord.from_dict(meta, where=where).resumed_with(
             cfg, ckpt.restored_step, allow_changes, where)
+        check_provenance(cfg, lm, source, record)  # the data the run started on
         source.set_state(data_state["source"])
         logging.info("resumed %s at step %d", cfg.workdir, int(state["sae"].step))
     else:

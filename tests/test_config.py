@@ -30,9 +30,10 @@ def test_from_config_builds_nested_frozen_dataclasses():
 
 @pytest.mark.parametrize("section,key,value,needle", [
     ("corpus", "seq_len", 1, "'corpus.seq_len' = 1"),
-    ("corpus", "seq_len", "long", "'config.corpus.seq_len' = 'long' is invalid: must be an integer"),
+    # One field-name style for every message (issue 12): the dataclasses' own, no "config.".
+    ("corpus", "seq_len", "long", "'corpus.seq_len' = 'long' is invalid: must be an integer"),
     ("corpus", "val_fraction", 1.5, "'corpus.val_fraction' = 1.5 is invalid: must be in [0, 1)"),
-    ("corpus", "source", "s3", "'config.corpus.source' = 's3' is invalid: must be one of"),
+    ("corpus", "source", "s3", "'corpus.source' = 's3' is invalid: must be one of"),
     ("corpus", "chunk_mb", 0, "'corpus.chunk_mb' = 0"),
     ("tokenizer", "kind", "wordpiece", "must be one of ['byte', 'bpe', 'file']"),
     ("tokenizer", "vocab_size", 100, "'tokenizer.vocab_size' = 100 is invalid"),

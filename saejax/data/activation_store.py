@@ -108,6 +108,11 @@ class ActivationStoreWriter:
 
     def _create_or_resume(self, overwrite: bool) -> None:
         meta = read_metadata(self.directory)
+        if meta is not None and meta.get("kind") != "activation_store":
+            what = "token store" if meta.get("kind") == "token_store" else repr(meta.get("kind"))
+            raise StoreExistsError(f"refusing to write an activation store into "
+                                   f"{self.directory!r}: it holds a {what}; choose another "
+                                   f"out_dir")
         if meta is not None and not overwrite:
             if meta.get("plan") != self.plan:
                 diff = sorted(k for k in set(meta.get("plan", {})) | set(self.plan)

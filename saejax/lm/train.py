@@ -181,6 +181,7 @@ def evaluate(fns: StepFns, params: nnx.State, loader, num_batches: int) -> float
 
 # Config fields that may differ on a resume without changing the experiment.
 ALWAYS_ALLOWED = ("workdir", "progress_bar", "mesh", "distributed", "async_checkpoints")
+# (the LM's state has no per-shard layout: any mesh restores it)
 
 
 def _resume_changes(saved_meta: dict, config: LMTrainConfig, step: int,
