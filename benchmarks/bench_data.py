@@ -66,6 +66,29 @@ def main(argv):
                      f"{jax.device_count()} {jax.default_backend()} devices, prefetch={prefetch}",
                      f"{dt / _STEPS.value * 1e3:.2f} ms/batch", f"{tps / 1e6:.1f} M tokens/s"))
 
+    # Verified reads: a first epoch over the whole train split (every chunk read, and
+    # checked, for the first time) with and without the per-chunk sha256 / vocabulary
+    # check, each from a freshly opened store; alternating rounds, best of three.
+    from saejax.data.token_store import TokenStore
+
+    def epoch(verify: bool) -> float:
+        fresh = TokenStore.open(store.directory, verify_reads=verify)
+        loader = TokenLoader(fresh, "train", LoaderConfig(batch_size=_BATCH.value, prefetch=0,
+                                                          num_epochs=1), mesh)
+        t0 = time.perf_counter()
+        for batch in loader:
+            batch.block_until_ready()
+        return time.perf_counter() - t0
+
+    times = {True: [], False: []}
+    for _ in range(3):
+        for verify in (False, True):
+            times[verify].append(epoch(verify))
+    on, off = min(times[True]), min(times[False])
+    rows.append((f"first epoch of the train split ({store.rows('train')} contexts), reads "
+                 f"verified / unverified", f"{on:.3f} s / {off:.3f} s",
+                 f"verification costs {100 * (on / off - 1):+.1f}%"))
+
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"jax {jax.__version__}\n")
     print("| what | time | throughput |\n|---|---|---|")

@@ -83,8 +83,12 @@ class LMSource(NamedTuple):
     width: int          # D, the site's activation width
 
 
-def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh) -> LMSource:
-    """Restores an LM training run and builds its jitted producer at ``site``."""
+def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh, *,
+                      fields: tuple[str, str] = ("lm.dir", "lm.site")) -> LMSource:
+    """Restores an LM training run and builds its jitted producer at ``site``.
+
+    ``fields``: the config fields of ``lm_dir`` and ``site``, for error messages.
+    """
     from saejax.data.token_store import TokenStore
     from saejax.lm.model import split_params
     from saejax.lm.restore import load_lm
@@ -95,9 +99,9 @@ def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh) -> LMSour
     try:
         site = canonical_site(site, lm.cfg.n_layers)
     except ValueError as e:
-        raise ConfigError(f"config field 'lm.site' = {site!r} is invalid: {e}") from None
+        raise ConfigError(f"config field {fields[1]!r} = {site!r} is invalid: {e}") from None
     if "store_dir" not in meta:
-        raise ConfigError(f"config field 'lm.dir' = {lm_dir!r} is invalid: it names no token "
+        raise ConfigError(f"config field {fields[0]!r} = {lm_dir!r} is invalid: it names no token "
                           f"store (an imported HF checkpoint has none); use an LM training "
                           f"workdir")
     store = TokenStore.open(meta["store_dir"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging as std_logging
 import re
 import sys
 import traceback
@@ -59,12 +60,13 @@ def describe(error: BaseException) -> str:
     msg = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, KeyError):
         msg = f"unknown key {msg}"
-    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
-        if error.errno == errno.ENOSPC:
-            msg = (f"no space left on the device ({msg}); the last complete checkpoint is "
-                   f"intact: free some space and re-run the same command to resume")
-        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            msg = f"cannot write or read a file ({msg}); check the paths' permissions"
+    disk_full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) \
+        or "No space left on device" in msg  # tensorstore / orbax report it as text
+    if disk_full:
+        return (f"no space left on the device ({msg[:300]}); the last complete checkpoint is "
+                f"intact: free some space and re-run the same command to resume")
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        msg = f"cannot write or read a file ({msg}); check the paths' permissions"
     if not isinstance(error, _saejax_errors()):
         msg = f"internal error: {type(error).__name__}: {msg} (--verbose prints the traceback)"
     return msg
@@ -104,11 +106,32 @@ def _parse_flags(prog: str) -> Callable[[list[str]], list[str]]:
     return parse
 
 
+class _NoTracebacks(std_logging.Filter):
+    """Drops the traceback of library log records (orbax logs one per failed background
+    write thread); the message stays. ``--verbose`` keeps them."""
+
+    def filter(self, record):
+        if not _VERBOSE.value and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """Background threads of the checkpoint writer that outlive their event loop after a
+    failed write report 'Event loop is closed' as unraisable: one line, not a traceback."""
+    if _VERBOSE.value:
+        sys.__unraisablehook__(unraisable)
+
+
 def run(prog: str, main: Callable[[list[str]], None]) -> None:
     """``absl.app.run(main)`` with saejax's error handling (see the module docstring)."""
+    from absl import logging as absl_logging
+
     from saejax import parallel
 
     def wrapped(argv):
+        absl_logging.get_absl_handler().addFilter(_NoTracebacks())
+        sys.unraisablehook = _quiet_unraisable
         try:
             return main(argv)
         except (SystemExit, KeyboardInterrupt):

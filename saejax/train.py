@@ -67,7 +67,8 @@ def make_source(cfg: SAETrainConfig, mesh, lm: LMSource | None,
         return StoreSource(src.store_dir, mesh, **common)
     store = write_array_store(src.paths if activations is None else activations,
                               os.path.join(cfg.workdir, ARRAYS_DIR), batch_size=cfg.batch_size,
-                              chunk_mb=src.chunk_mb, site=lm.site if lm else None)
+                              chunk_mb=src.chunk_mb, site=lm.site if lm else None,
+                              d_in=cfg.sae.d_in)
     return StoreSource(store, mesh, kind="arrays", **common)
 
 
@@ -164,7 +165,7 @@ class _Evaluation:
         if src.eval_paths:
             return write_array_store(src.eval_paths, os.path.join(self.cfg.workdir, ARRAYS_EVAL_DIR),
                                      batch_size=self.cfg.batch_size, chunk_mb=src.chunk_mb,
-                                     site=site), False
+                                     site=site, d_in=self.cfg.sae.d_in), False
         return train_store, True
 
     def __call__(self, bundle: SAEBundle) -> dict[str, Any]:
@@ -227,10 +228,10 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
         raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: the "
                           f"{cfg.source.kind} activations have width {source.width}")
     check_provenance(cfg, lm, source)  # a store from another LM or site: refused at once
+    train_step = make_train_step(cfg.sae, mesh)  # a dictionary that does not split: refused
+    dead_strategy = make_dead_strategy(cfg.sae, mesh)
     ckpt = Checkpointer(os.path.join(cfg.workdir, CHECKPOINTS), keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
-    train_step = make_train_step(cfg.sae, mesh)
-    dead_strategy = make_dead_strategy(cfg.sae, mesh)
     counts_sharding = parallel.named_sharding(mesh, ("latent",))
     abstract = {"sae": abstract_state(cfg.sae, mesh), "source": source.abstract_device_state(),
                 "counts": jax.ShapeDtypeStruct((cfg.sae.n_features,), jnp.int32,

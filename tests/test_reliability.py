@@ -4,7 +4,6 @@ user error through the real launchers."""
 
 import glob
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -325,3 +324,205 @@ def test_bad_inputs_give_one_line(script, args, code, pattern):
 @pytest.mark.parametrize("script,args,code,pattern", BAD[6:], ids=lambda v: str(v)[:40])
 def test_more_bad_inputs_give_one_line(script, args, code, pattern):
     assert_one_line(run_launcher(script, *args), script[:-3], code, pattern)
+
+
+# ------------------------------------------------------------------- the table
+
+
+@pytest.fixture(scope="module")
+def world(tiny_lm_dir, tmp_path_factory):
+    """Existing files a bad command must leave alone, and broken inputs to feed it."""
+    import shutil
+
+    from saejax.harvest import run_harvest
+    from saejax.lm.restore import load_lm
+
+    root = tmp_path_factory.mktemp("world")
+    w = {"lm": tiny_lm_dir, "missing": str(root / "no" / "such")}
+    _, meta = load_lm(tiny_lm_dir)
+    w["tokens"] = meta["store_dir"]
+    for site in ("post", "pre"):
+        w[f"acts_{site}"] = str(root / f"acts_{site}")
+        run_harvest(HarvestConfig(lm_dir=tiny_lm_dir, site=f"mlp.{site}", out_dir=w[f"acts_{site}"],
+                                  lm_batch_size=16, sae_batch_size=256, chunk_mb=0.06,
+                                  num_contexts=64))
+    w["acts_corrupt"] = str(root / "acts_corrupt")
+    shutil.copytree(w["acts_post"], w["acts_corrupt"])
+    chunk = os.path.join(w["acts_corrupt"], "acts.zarr", "c", "0", "0")
+    raw = bytearray(open(chunk, "rb").read())
+    raw[64] ^= 0x40
+    open(chunk, "wb").write(bytes(raw))
+    w["tokens_corrupt"] = str(root / "tokens_corrupt")
+    shutil.copytree(w["tokens"], w["tokens_corrupt"])
+    chunk = os.path.join(w["tokens_corrupt"], "train.zarr", "c", "0", "0")
+    raw = bytearray(open(chunk, "rb").read())
+    raw[40] ^= 0x01
+    open(chunk, "wb").write(bytes(raw))
+    w["tokens_badmeta"] = str(root / "tokens_badmeta")
+    shutil.copytree(w["tokens"], w["tokens_badmeta"])
+    with open(os.path.join(w["tokens_badmeta"], "metadata.json"), "w") as f:
+        f.write('{"kind": "token_store", ')
+    w["sae_run"] = str(root / "sae_run")
+    train(tiny(tiny_lm_dir, w["sae_run"], num_steps=10))
+    rows = np.random.default_rng(0).normal(size=(600, 8)).astype(np.float32)
+    np.save(root / "good.npy", rows)
+    w["good_npy"] = str(root / "good.npy")
+    w["arrays_run"] = str(root / "arrays_run")
+    from experiments import sae_arrays
+
+    cd = sae_arrays.get_config()
+    cd.update_from_flattened_dict({
+        "sae.d_in": 8, "sae.n_features": 32, "sae.k": 4, "sae.aux_k": 0, "batch_size": 64,
+        "num_steps": 2, "eval.every": 2, "workdir": w["arrays_run"], "progress_bar": False,
+        "sae.geometric_median_iters": 5})
+    train(from_config(SAETrainConfig, cd), activations=rows)
+    (root / "notnpy.npy").write_text("this is not an array")
+    w["notnpy"] = str(root / "notnpy.npy")
+    np.save(root / "vec.npy", np.zeros(10, np.float32))
+    w["vec"] = str(root / "vec.npy")
+    nan = rows.copy()
+    nan[123, 4] = np.inf
+    np.save(root / "nan.npy", nan)
+    w["nan"] = str(root / "nan.npy")
+    (root / "bogus.npz").write_bytes(os.urandom(256))
+    w["bogus_npz"] = str(root / "bogus.npz")
+    (root / "empty").mkdir()
+    w["empty"] = str(root / "empty")
+    w["precious"] = [v for k, v in w.items() if k not in ("missing",)]
+    return w
+
+
+SAE = ["--config=experiments/sae_tiny.py", "--config.lm.dir={lm}", "--config.progress_bar=false"]
+ARR = ["--config=experiments/sae_arrays.py", "--config.progress_bar=false",
+       "--config.workdir={missing}"]
+STEER = ["--feature=1", "--value=1", "--num_tokens=2"]
+TABLE = [  # (script, args, exit code, what the one line must say)
+    ("train_sae.py", [*SAE, "--config.lm.dir={missing}", "--config.workdir={missing}"], 1,
+     r"no LM checkpoint in .* give an LM training workdir"),
+    ("train_sae.py", [*SAE, "--config.lm.site=mlp.bogus", "--config.workdir={missing}"], 2,
+     r"'lm.site' = 'mlp.bogus' is invalid: unknown activation site"),
+    ("train_sae.py", [*SAE, "--config.sae.d_in=32", "--config.workdir={missing}"], 2,
+     r"'sae.d_in' = 32 is invalid: site 'blocks.0.mlp.post' .* has width 64"),
+    ("train_sae.py", [*SAE, "--config.source.kind=store", "--config.source.store_dir={tokens}",
+                      "--config.workdir={missing}"], 1, r"holds a 'token_store', not an activation store"),
+    ("train_sae.py", [*SAE, "--config.source.kind=store", "--config.source.store_dir={missing}",
+                      "--config.workdir={missing}"], 1, r"no activation store at"),
+    ("train_sae.py", [*SAE, "--config.source.kind=store",
+                      "--config.source.store_dir={acts_pre}", "--config.workdir={missing}"],
+     2, r"activations of site 'blocks.0.mlp.pre', but the run reads 'blocks.0.mlp.post'"),
+    ("train_sae.py", [*SAE, "--config.source.kind=store",
+                      "--config.source.store_dir={acts_corrupt}", "--config.workdir={missing}"],
+     1, r"chunk 0 .* fails its crc32 check"),
+    ("train_sae.py", [*SAE, "--config.workdir={sae_run}", "--config.num_steps=10",
+                      "--config.sae.n_features=512"], 2, r"sae.n_features: 256 -> 512"),
+    ("train_sae.py", [*SAE, "--config.workdir={sae_run}", "--config.num_steps=5"], 2,
+     r"'num_steps' = 5 is invalid: .* is at step 10 already"),
+    ("train_sae.py", [*SAE, "--config.workdir={missing}", "--config.eval.contexts=7"], 2,
+     r"'eval.contexts' = 7 is invalid"),
+    ("train_sae.py", [*SAE, "--config.workdir={missing}", "--config.source.buffer_rows=1000"],
+     2, r"'source.buffer_rows' = 1000 is invalid"),
+    ("train_sae.py", [*SAE, "--config.workdir={missing}", "--config.mesh.data=3"], 2,
+     r"'mesh' = \(data=3, model=1\) is invalid"),
+    ("train_sae.py", [*SAE, "--config.workdir={missing}", "--config.mesh.data=1",
+                      "--config.mesh.model=8", "--config.sae.n_features=100"], 2,
+     r"'sae.n_features' = 100 is invalid: must be divisible"),
+    ("train_sae.py", [*ARR, "--config.source.paths={missing}.npy"], 1, r"no .npy file matches"),
+    ("train_sae.py", [*ARR, "--config.source.paths={notnpy}"], 2,
+     r"cannot read activations from .*notnpy.npy.* as a .npy array"),
+    ("train_sae.py", [*ARR, "--config.source.paths={vec}"], 2, r"have shape \(10,\)"),
+    ("train_sae.py", [*ARR, "--config.source.paths={nan}", "--config.batch_size=64",
+                      "--config.sae.d_in=8"], 2, r"nan.npy hold NaN or Inf \(first at row 123\)"),
+    ("train_sae.py", [*ARR, "--config.source.paths={good_npy}", "--config.batch_size=64"], 2,
+     r"'sae.d_in' = 512 is invalid: the arrays activations have width 8"),
+    ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={missing}",
+                     "--config.workdir={missing}"], 1, r"no token store at"),
+    ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens_corrupt}",
+                     "--config.workdir={missing}"], 1,
+     r"train.zarr chunk 0 .* does not match its recorded sha256"),
+    ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={acts_post}",
+                     "--config.workdir={missing}"], 1, r"holds a 'activation_store', not a token store"),
+    ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens_badmeta}",
+                     "--config.workdir={missing}"], 1, r"metadata.json is not valid JSON"),
+    ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens}",
+                     "--config.model.vocab_size=10", "--config.workdir={missing}"], 2,
+     r"'model.vocab_size' = 10 is invalid"),
+    ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens}",
+                     "--config.workdir={lm}", "--config.num_steps=1",
+                     "--config.optim.warmup_steps=0"], 2,
+     r"'num_steps' = 1 is invalid: .* is at step 2 already"),
+    ("build_corpus.py", ["--config=experiments/corpus_text.py",
+                         "--config.corpus.path={missing}", "--config.corpus.out_dir={missing}"],
+     1, r"corpus.path .* does not exist"),
+    ("build_corpus.py", ["--config=experiments/corpus_text.py", "--config.corpus.path={empty}",
+                         "--config.corpus.out_dir={missing}"], 1, r"matched no files"),
+    ("build_corpus.py", ["--config=experiments/corpus_stdlib.py",
+                         "--config.corpus.out_dir={tokens}"], 1,
+     r"refusing to write a token store .* different settings"),
+    ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={missing}",
+                    "--config.out_dir={missing}"], 1, r"no LM checkpoint in"),
+    ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={lm}",
+                    "--config.out_dir={tokens}", "--config.sae_batch_size=256",
+                    "--config.lm_batch_size=16", "--config.num_contexts=64",
+                    "--config.chunk_mb=0.06"], 1,
+     r"refusing to write an activation store into .*: it holds a token store"),
+    ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={lm}",
+                    "--config.out_dir={missing}", "--config.num_contexts=100000"], 2,
+     r"'num_contexts' = 100000 is invalid"),
+    ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={lm}",
+                    "--config.out_dir={missing}", "--config.site=resid.bogus"], 2,
+     r"'site' = 'resid.bogus' is invalid"),
+    ("steer.py", [*STEER, "--workdir={missing}"], 1, r"no checkpoints in .*no such directory"),
+    ("steer.py", [*STEER, "--sae={bogus_npz}"], 1, r"."),
+    ("steer.py", [*STEER, "--sae={missing}.npz"], 1, r"no SAE export at"),
+    ("steer.py", ["--feature=99999", "--value=1", "--workdir={sae_run}"], 1,
+     r"feature 99999 out of range"),
+    ("steer.py", [*STEER, "--workdir={arrays_run}"], 2, r"names no LM site"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,code,pattern", TABLE,
+                         ids=[f"{i}-{c[0][:-3]}" for i, c in enumerate(TABLE)])
+def test_bad_input_table_one_line_exit_code_and_files_untouched(world, script, args, code,
+                                                                pattern, tmp_path):
+    paths = {**world, "missing": str(tmp_path / "no" / "such")}
+    before = tree_hashes(*world["precious"])
+    res = run_launcher(script, *[a.format(**paths) for a in args])
+    assert_one_line(res, script[:-3], code, pattern)
+    assert tree_hashes(*world["precious"]) == before
+    if code == 2 or script == "steer.py":  # refused before anything is written; read-only
+        assert not os.path.exists(tmp_path / "no")
+
+
+@pytest.mark.slow
+def test_disk_full_mid_run_one_line_last_checkpoint_intact_and_resume(tiny_lm_dir, tmp_path):
+    """A 1 MB tmpfs fills up at a checkpoint write: one line, exit 1, the last complete
+    checkpoint intact; with space freed the same command resumes and ends where an
+    uninterrupted run ends (bit for bit)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root in a privileged sandbox)")
+    try:
+        args = ["--config=experiments/sae_tiny.py", f"--config.lm.dir={tiny_lm_dir}",
+                "--config.progress_bar=false", "--config.eval.every=1000",
+                "--config.checkpoint.async_save=false"]
+        ref = run_launcher("train_sae.py", *args, f"--config.workdir={tmp_path / 'ref'}")
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        work = mnt / "run"
+        full = run_launcher("train_sae.py", *args, f"--config.workdir={work}")
+        assert_one_line(full, "train_sae", 1, r"no space left on the device .* free some space "
+                                              r"and re-run the same command to resume")
+        _, record = params(work)  # the last complete checkpoint restores
+        assert 0 < record.step < 60
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        again = run_launcher("train_sae.py", *args, f"--config.workdir={work}")
+        assert again.returncode == 0, again.stderr[-3000:]
+        want, _ = params(tmp_path / "ref")
+        got, record = params(work)
+        assert record.step == 60
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

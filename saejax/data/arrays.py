@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import zlib
 from collections.abc import Sequence
 
@@ -119,7 +120,7 @@ def _chunk_rows(n: int, batch: int, target: int) -> int:
 
 def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "float32",
                       chunk_mb: float = 16.0, site: str | None = None,
-                      overwrite: bool = False):
+                      overwrite: bool = False, d_in: int | None = None):
     """Writes activations (arrays or .npy files, rows [N, D]) into an activation store.
 
     Rows are kept in order; chunks hold a multiple of ``batch_size`` rows (about
@@ -136,6 +137,7 @@ def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "fl
       dtype: "float32" or "bfloat16" on disk.
       chunk_mb: target chunk size.
       site: the site label the activations come from (None: unknown).
+      d_in: when given, the width the activations must have (checked before writing).
 
     Returns:
       The opened :class:`~saejax.data.activation_store.ActivationStore`.
@@ -156,6 +158,9 @@ def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "fl
                           "write_array_store) and train with source.kind='store'")
     mats, desc, names = _open_arrays(arrays)
     n, d = sum(len(a) for a in mats), mats[0].shape[1]
+    if d_in is not None and d != d_in:
+        raise ConfigError(f"config field 'sae.d_in' = {d_in} is invalid: the arrays "
+                          f"activations have width {d}")
     if n < batch_size:
         raise ConfigError(f"the activations hold {n} rows, fewer than one batch "
                           f"(batch_size {batch_size})")
@@ -166,6 +171,11 @@ def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "fl
                         "rows, a multiple of the batch)", out_dir, n - rows, n, chunk_rows)
     plan = {"rows": rows, "d": d, "dtype": dtype, "chunk_rows": chunk_rows, "site": site,
             "source": {"kind": "arrays", "inputs": desc, "dropped_rows": n - rows}}
+    new_dirs = []  # the parents of out_dir that this call creates, innermost first
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while parent and not os.path.exists(parent):
+        new_dirs.append(parent)
+        parent = os.path.dirname(parent)
     try:
         writer = ActivationStoreWriter(out_dir, plan, overwrite=overwrite)
     except StoreExistsError as e:
@@ -173,8 +183,16 @@ def write_array_store(arrays, out_dir: str, *, batch_size: int, dtype: str = "fl
                           f"activations ({e}); train in a new workdir, or delete it to "
                           f"rewrite it from these") from None
     done = writer.committed()
-    for c in range(writer.n_chunks):
-        if c not in done:
-            writer.write_chunk(c, _rows(mats, names, c * chunk_rows, (c + 1) * chunk_rows))
+    try:
+        for c in range(writer.n_chunks):
+            if c not in done:
+                writer.write_chunk(c, _rows(mats, names, c * chunk_rows, (c + 1) * chunk_rows))
+    except ConfigError:
+        if not done:  # written by this call only: nothing worth resuming
+            shutil.rmtree(out_dir, ignore_errors=True)
+            for d in new_dirs:  # and the parents it created, if empty
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
+        raise
     writer.finalize()
     return ActivationStore.open(out_dir)

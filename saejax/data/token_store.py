@@ -52,7 +52,8 @@ class StoreExistsError(StoreError):
 
 
 def chunk_checksum(block: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+    """sha256 of a block's bytes (read in place: no copy of the block)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(block)).cast("B")).hexdigest()
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
