@@ -26,7 +26,7 @@ scripts need no extra configuration.
 A process that calls ``sys.exit`` (or raises) after ``jax.distributed.initialize`` while
 the others keep running does not exit: jax's exit-time shutdown waits at a barrier for all
 processes (300 s by default). saejax's launch scripts avoid that by exiting hard on any
-error in multi-process runs (``saejax.parallel.exit_hard_on_error``); for other scripts only
+error in multi-process runs (``saejax.cli.run`` through ``saejax.parallel.exit_with_error``); for other scripts only
 ``--timeout`` ends such a run early. Processes that die, or exit through ``os._exit``, are
 seen at once.
 
