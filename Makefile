@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sae.py --devices 1 --features 4096,16384 --ground-truth 0
 	$(PY) benchmarks/bench_lm.py --steps 10
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_resample_draws.py
 	$(PY) benchmarks/memory_estimates.py
 
 lint: $(STAMP)
