@@ -29,6 +29,7 @@ _LM_STEPS = flags.DEFINE_integer(
     "600 to fit its 20-minute budget)")
 _SAE_STEPS = flags.DEFINE_integer("sae_steps", None, "override the SAE's training steps")
 _CONTEXTS = flags.DEFINE_integer("report_contexts", 512, "held-out contexts for the report")
+_ALLOW = cli.define_allow_changes()
 _ABLATE = flags.DEFINE_integer(
     "report_ablation_features", 1024, "features (densest first) whose ablation effect on "
     "log-likelihood the report measures; each costs 4 LM forwards (0 = all alive features)")
@@ -75,7 +76,7 @@ def main(argv):
     cd.workdir = os.path.join(demo, "lm")
     if _LM_STEPS.value:
         cd.num_steps = _LM_STEPS.value
-    lm = train_lm(from_config(LMTrainConfig, cd))
+    lm = train_lm(from_config(LMTrainConfig, cd), allow_changes=tuple(_ALLOW.value))
     times["lm"] = time.perf_counter() - t
 
     t = stage("sae")
@@ -85,7 +86,7 @@ def main(argv):
     if _SAE_STEPS.value:
         cd.num_steps = _SAE_STEPS.value
     sae_cfg = from_config(SAETrainConfig, cd)
-    sae = train_sae(sae_cfg)
+    sae = train_sae(sae_cfg, allow_changes=tuple(_ALLOW.value))
     times["sae"] = time.perf_counter() - t
 
     t = stage("report")

@@ -54,19 +54,29 @@ def load_inputs(sae_path: str | None, workdir: str | None, step: int | None,
     from saejax.record import load_sae
     from saejax.sae.bundle import load_bundle
 
-    if sae_path:
-        sae, extra = load_bundle(sae_path)
-    else:
-        sae, record = load_sae(workdir, step=step)
+    try:
+        if sae_path:
+            sae, extra = load_bundle(sae_path)
+        else:
+            sae, record = load_sae(workdir, step=step)
+    except (FileNotFoundError, ValueError) as e:  # nothing there, or not an SAE export / run
+        if isinstance(e, cli.ConfigError):
+            raise
+        raise cli.UsageError(f"--{'sae' if sae_path else 'workdir'}: {e}") from None
+    if not sae_path:
         extra = {} if record.lm is None else {"lm_dir": record.lm.dir,
-                                              "store_dir": record.lm.token_store}
+                                              "store_dir": record.lm.token_store,
+                                              "lm_step": None if lm_dir else record.lm.step}
     if sae.site is None:
         raise cli.UsageError("the dictionary names no LM site (it was trained on activations "
                              "alone); steering needs one")
     lm_dir = lm_dir or extra.get("lm_dir")
     if not lm_dir:
         raise cli.UsageError("no LM: pass --lm_dir (the SAE export names none)")
-    model, meta = load_lm(lm_dir)
+    try:
+        model, meta = load_lm(lm_dir, step=extra.get("lm_step"))
+    except FileNotFoundError as e:
+        raise cli.UsageError(f"--lm_dir: {e}") from None
     store_dir = store_dir or extra.get("store_dir") or meta.get("store_dir")
     if not store_dir:
         raise cli.UsageError("no tokenizer: pass --store_dir (a token store directory)")
@@ -83,6 +93,9 @@ def main(argv):
         raise cli.UsageError("give exactly one of --workdir (an SAE run) or --sae (an export)")
     model, sae, tokenizer = load_inputs(FLAGS.sae, FLAGS.workdir, FLAGS.step, FLAGS.lm_dir,
                                         FLAGS.store_dir)
+    if not 0 <= FLAGS.feature < sae.n_features:
+        raise cli.UsageError(f"--feature={FLAGS.feature} is out of range: the dictionary has "
+                             f"{sae.n_features} features (0 .. {sae.n_features - 1})")
     out = steer_text(model, sae, tokenizer, FLAGS.prompt, feature=FLAGS.feature,
                      value=FLAGS.value, scale=FLAGS.scale, num_tokens=FLAGS.num_tokens,
                      num_samples=FLAGS.num_samples, temperature=FLAGS.temperature,

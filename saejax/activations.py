@@ -94,7 +94,10 @@ def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh, *,
     from saejax.lm.restore import load_lm
     from saejax.lm.sites import canonical_site
 
-    lm, meta = load_lm(lm_dir, mesh=mesh)
+    try:
+        lm, meta = load_lm(lm_dir, mesh=mesh)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config field {fields[0]!r} = {lm_dir!r} is invalid: {e}") from None
     graphdef, params = split_params(lm)
     try:
         site = canonical_site(site, lm.cfg.n_layers)

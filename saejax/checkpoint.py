@@ -72,7 +72,8 @@ class Checkpointer:
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoints in {self.directory!r} (no such directory)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save)
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only)  # what a failed save left, at the next start
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE, DATA, METADATA))
         self.read_only = read_only
@@ -137,34 +138,56 @@ class Checkpointer:
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         errors = []
-        for s in steps:
+        for i, s in enumerate(steps):
+            # The newest step gets a second try: a transient read error must not make a
+            # good step look damaged.
+            out, error = self._try_restore(abstract_state, s, partial, tries=2 if i == 0 else 1)
+            if error is None:
+                if i:
+                    damaged = steps[:i]
+                    logging.warning("restored step %d of %s: the newer step(s) %s could not be "
+                                    "read", s, self.directory, damaged)
+                    if not self.read_only:
+                        self._set_aside(damaged)
+                self.restored_step = s
+                return out
+            errors.append(f"step {s}: {error}")
+            logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the "
+                            "previous one", s, self.directory, error)
+        raise CorruptCheckpointError(
+            f"no checkpoint in {self.directory} can be restored (if the config changed the "
+            f"arrays' shapes, e.g. sae.n_features or the data-parallel size of an on-the-fly "
+            f"buffer, the run cannot resume with it): " + "; ".join(errors))
+
+    def _try_restore(self, abstract_state: Any, step: int, partial: bool, tries: int
+                     ) -> tuple[Any, str | None]:
+        """(restored, None) or (None, error). In a multi-process run every process reaches
+        the same verdict: a step counts as restored only if it restored everywhere."""
+        out, error = None, None
+        for _ in range(tries):
             try:
-                out = self._restore(abstract_state, s, partial)
-            except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
-                msg = " ".join(str(e).split())[:300]
-                errors.append(f"step {s}: {type(e).__name__}: {msg}")
-                logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying "
-                                "the previous one", s, self.directory, type(e).__name__, msg)
-                continue
-            if s != steps[0]:
-                damaged = [t for t in steps if t > s]
-                logging.warning("restored step %d of %s: the newer step(s) %s could not be read",
-                                s, self.directory, damaged)
-                if not self.read_only:
-                    self._set_aside(damaged)
-            self.restored_step = s
-            return out
-        raise CorruptCheckpointError(f"no checkpoint in {self.directory} can be restored: "
-                                     + "; ".join(errors))
+                out, error = self._restore(abstract_state, step, partial), None
+            except Exception as e:  # noqa: BLE001 - reported; the caller falls back
+                out, error = None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            if jax.process_count() > 1:
+                import numpy as np
+                from jax.experimental import multihost_utils
+
+                oks = multihost_utils.process_allgather(np.asarray([error is None]))
+                if not bool(np.all(oks)):
+                    out, error = None, error or "it failed to restore on another process"
+            if error is None:
+                break
+        return out, error
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged steps to ``<step>.damaged`` (kept for inspection, no longer listed),
-        so that the resumed run can write those steps again. Process 0 renames; all wait."""
+        so that the resumed run can write those steps again. Every process reached the same
+        verdict (:meth:`_try_restore`); process 0 renames and all wait for it."""
         if jax.process_index() == 0:
             for s in steps:
                 src = os.path.join(self.directory, str(s))
-                dst = f"{src}.damaged"
-                n = 1
+                dst, n = f"{src}.damaged", 1
                 while os.path.exists(dst):
                     dst, n = f"{src}.damaged{n}", n + 1
                 os.rename(src, dst)
@@ -188,10 +211,23 @@ class Checkpointer:
         return out[STATE], dict(out[DATA] or {}), dict(out[METADATA] or {})
 
     def restore_metadata(self, step: int | None = None) -> dict:
-        """Only the JSON metadata of ``step`` (default latest); cheap, no arrays."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Only the JSON metadata of ``step`` (cheap, no arrays). Without a step: the newest
+        step whose metadata reads (a damaged newer one is skipped with a warning)."""
+        if step is not None:
+            return self._metadata(step)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for s in steps[:-1]:
+            try:
+                return self._metadata(s)
+            except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
+                logging.warning("the metadata of checkpoint step %d in %s cannot be read "
+                                "(%s: %s); trying the previous step", s, self.directory,
+                                type(e).__name__, " ".join(str(e).split())[:300])
+        return self._metadata(steps[-1])
+
+    def _metadata(self, step: int) -> dict:
         out = self._manager.restore(step, args=ocp.args.Composite(
             **{METADATA: ocp.args.JsonRestore()}))
         return dict(out[METADATA] or {})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import logging as std_logging
+import os
 import re
 import sys
 import traceback
@@ -47,12 +48,14 @@ def define_allow_changes() -> flags.FlagHolder:
 
 
 def _saejax_errors() -> tuple[type[BaseException], ...]:
+    from saejax.checkpoint import CorruptCheckpointError
     from saejax.data.sources import CorpusError
     from saejax.data.token_store import StoreError
     from saejax.loop import NonFiniteError
 
-    return (ConfigError, StoreError, CorpusError, NonFiniteError, FileNotFoundError,
-            OSError, zipfile.BadZipFile, json.JSONDecodeError, ValueError, KeyError)
+    return (ConfigError, StoreError, CorpusError, NonFiniteError, CorruptCheckpointError,
+            FileNotFoundError, OSError, zipfile.BadZipFile, json.JSONDecodeError, ValueError,
+            KeyError)
 
 
 def describe(error: BaseException) -> str:
@@ -68,12 +71,29 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         msg = f"cannot write or read a file ({msg}); check the paths' permissions"
     if not isinstance(error, _saejax_errors()):
-        msg = f"internal error: {type(error).__name__}: {msg} (--verbose prints the traceback)"
+        msg = f"internal error: {type(error).__name__}: {msg}"
     return msg
 
 
 def exit_code(error: BaseException) -> int:
-    return USAGE_EXIT if isinstance(error, ConfigError) else RUNTIME_EXIT
+    """2 for usage and config errors (also: a different store in the way of an output
+    directory, which a config field names), 1 for runtime failures."""
+    from saejax.data.token_store import StoreExistsError
+
+    return USAGE_EXIT if isinstance(error, (ConfigError, StoreExistsError)) else RUNTIME_EXIT
+
+
+def _save_traceback(prog: str) -> str | None:
+    """Writes the current traceback to a file in the system's temp directory; its path."""
+    import tempfile
+
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"saejax-{prog}-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exc(file=f)
+        return path
+    except OSError:  # e.g. a full disk: the one line still goes out
+        return None
 
 
 def _flag_error(error: BaseException, argv: list[str]) -> str:
@@ -118,8 +138,11 @@ class _NoTracebacks(std_logging.Filter):
 
 def _quiet_unraisable(unraisable) -> None:
     """Background threads of the checkpoint writer that outlive their event loop after a
-    failed write report 'Event loop is closed' as unraisable: one line, not a traceback."""
-    if _VERBOSE.value:
+    failed write report 'Event loop is closed' as unraisable; those are dropped (unless
+    --verbose), everything else is reported as usual."""
+    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and \
+        "Event loop is closed" in str(unraisable.exc_value)
+    if _VERBOSE.value or not closed_loop:
         sys.__unraisablehook__(unraisable)
 
 
@@ -139,6 +162,10 @@ def run(prog: str, main: Callable[[list[str]], None]) -> None:
         except BaseException as e:  # noqa: BLE001 - every error becomes one line
             if _VERBOSE.value:
                 traceback.print_exc()
-            parallel.exit_with_error(prog, describe(e), code=exit_code(e))
+            line = describe(e)
+            if not _VERBOSE.value and line.startswith("internal error"):
+                where = _save_traceback(prog)
+                line += f" (traceback in {where}; --verbose prints it)" if where else ""
+            parallel.exit_with_error(prog, line, code=exit_code(e))
 
     app.run(wrapped, flags_parser=_parse_flags(prog))

@@ -132,7 +132,8 @@ def run_harvest(cfg) -> dict:
     n_used = rows // context
     plan = {"rows": rows, "d": int(d), "dtype": cfg.dtype, "chunk_rows": chunk_rows,
             "site": site, "lm": {"dir": os.path.abspath(cfg.lm_dir), "step": meta.get("step"),
-                                 "store": store.metadata["fingerprint"]},
+                                 "store": store.metadata["fingerprint"],
+                                 "run_id": meta.get("run_id")},
             "tokens": {"store_dir": meta["store_dir"], "split": cfg.split,
                        "contexts": [cfg.start_context, cfg.start_context + n_used],
                        "positions": context},

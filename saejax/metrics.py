@@ -85,6 +85,8 @@ def _truncate_after(path: str, step: int) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -97,11 +99,15 @@ class TensorBoardWriter:
 
     def __init__(self, logdir: str | os.PathLike, *, resume_step: int | None = None):
         self._w = None
+        self._logdir = os.fspath(logdir)
         if is_writer_process():
-            from tensorboardX import SummaryWriter  # only the writing process needs it
-
             purge = None if resume_step is None else resume_step + 1
-            self._w = SummaryWriter(logdir=os.fspath(logdir), flush_secs=10, purge_step=purge)
+            self._w = self._open(purge)
+
+    def _open(self, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter  # only the writing process needs it
+
+        return SummaryWriter(logdir=self._logdir, flush_secs=10, purge_step=purge_step)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._w is None:
@@ -114,8 +120,12 @@ class TensorBoardWriter:
             self._w.add_histogram(name, values, global_step=int(step))
 
     def flush(self) -> None:
+        """Writes every queued event to disk. tensorboardX's own ``flush`` leaves the events
+        still in its writer thread's queue; closing drains it, and the next event goes to
+        a new events file in the same directory (TensorBoard reads them all)."""
         if self._w is not None:
-            self._w.flush()
+            self._w.close()
+            self._w = self._open()
 
     def close(self) -> None:
         if self._w is not None:

@@ -250,7 +250,7 @@ def exit_with_error(prog: str, error: BaseException | str, code: int = 1) -> typ
     every other process (up to 300 s) when only this one failed; a hard exit lets the
     launcher see the failure at once.
     """
-    if jax.process_count() > 1:
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
         error = f"process {jax.process_index()} of {jax.process_count()} stopped: {error}"
         logging.error("%s: %s", prog, error)
         logging.flush()

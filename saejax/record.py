@@ -44,12 +44,19 @@ class LMIdentity:
       step: its checkpoint step (None for HF directories).
       token_store: the token store it trained on (tokenizer, evaluation contexts).
       store_fingerprint: that store's settings fingerprint.
+      run_id: the LM training run's id (its checkpoints' metadata), None for LM runs
+        trained before it was recorded.
     """
 
     dir: str
     step: int | None = None
     token_store: str | None = None
     store_fingerprint: str | None = None
+    run_id: str | None = None
+
+    def identity(self) -> tuple:
+        """(step, token-store fingerprint, run id): what makes two LM checkpoints the same."""
+        return (self.step, self.store_fingerprint, self.run_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +149,19 @@ def load_record(workdir: str, *, step: int | None = None) -> SAERunRecord:
     """
     ckpt = _checkpointer(workdir)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
-        meta = ckpt.restore_metadata(step)
+        if step is None:  # the newest step whose metadata reads
+            for s in sorted(ckpt.all_steps(), reverse=True):
+                try:
+                    meta, step = ckpt.restore_metadata(s), s
+                    break
+                except Exception:  # noqa: BLE001 - a damaged step: try the one before
+                    continue
+            else:
+                meta = ckpt.restore_metadata()  # raises the oldest step's error
+        else:
+            meta = ckpt.restore_metadata(step)
     finally:
         ckpt.close()
     return SAERunRecord.from_dict(meta, step=step, where=f"{workdir!r} step {step}")
@@ -167,11 +183,10 @@ def load_sae(workdir: str, *, step: int | None = None,
     mesh = mesh or parallel.make_mesh(MeshConfig())
     ckpt = _checkpointer(workdir)
     try:
-        latest = ckpt.latest_step() if step is None else step
-        if latest is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
-        config = SAERunRecord.from_dict(ckpt.restore_metadata(latest),
-                                        where=f"{workdir!r} step {latest}").config
+        config = SAERunRecord.from_dict(ckpt.restore_metadata(step),  # None: the newest that reads
+                                        where=f"{workdir!r}").config
         abstract = {"sae": abstract_state(config.sae, mesh)}
         # Without a step: the newest step that restores (a damaged newer one is skipped).
         state, _, meta = ckpt.restore(abstract, step, partial=True)

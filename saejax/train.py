@@ -30,7 +30,9 @@ from absl import logging
 from saejax import evaluate, parallel
 from saejax.activations import (ActivationSource, LMSource, OnTheFlySource, StoreSource,
                                 restore_lm_source)
+from saejax.data.activation_store import ActivationStore
 from saejax.data.arrays import write_array_store
+from saejax.data.token_store import CorruptStoreError
 from saejax.checkpoint import Checkpointer, versions
 from saejax.config import ConfigError
 from saejax.data.loader import ActivationLoader, LoaderConfig, TokenLoader
@@ -64,7 +66,16 @@ def make_source(cfg: SAETrainConfig, mesh, lm: LMSource | None,
                               buffer_rows=src.buffer_rows,
                               norm_sample_contexts=src.norm_sample_contexts, **common)
     if src.kind == "store":
-        return StoreSource(src.store_dir, mesh, **common)
+        from saejax.data.token_store import StoreError
+
+        try:
+            store = ActivationStore.open(src.store_dir)
+        except (FileNotFoundError, StoreError) as e:
+            if isinstance(e, CorruptStoreError):
+                raise
+            raise ConfigError(f"config field 'source.store_dir' = {src.store_dir!r} is "
+                              f"invalid: {e}") from None
+        return StoreSource(store, mesh, **common)
     store = write_array_store(src.paths if activations is None else activations,
                               os.path.join(cfg.workdir, ARRAYS_DIR), batch_size=cfg.batch_size,
                               chunk_mb=src.chunk_mb, site=lm.site if lm else None,
@@ -92,19 +103,36 @@ def check_provenance(cfg: SAETrainConfig, lm: LMSource | None, source: Activatio
                               f"run reads {lm.site!r} (lm.site); harvest that site or set "
                               f"lm.site={plan_site!r}")
         if plan_lm:
-            theirs = (plan_lm.get("step"), plan_lm.get("store"))
-            ours = (lm.meta.get("step"), lm.store.metadata.get("fingerprint"))
+            theirs = (plan_lm.get("step"), plan_lm.get("store"), plan_lm.get("run_id"))
+            ours = (lm.meta.get("step"), lm.store.metadata.get("fingerprint"),
+                    lm.meta.get("run_id"))
             if theirs != ours:
                 raise ConfigError(
                     f"config field 'source.store_dir' = {cfg.source.store_dir!r} is invalid: it "
-                    f"was harvested from another LM checkpoint (step, token store) = {theirs} "
+                    f"was harvested from another LM checkpoint (step, token store, run id) = "
+                    f"{theirs} "
                     f"than lm.dir={cfg.lm.dir!r} {ours}; harvest it from this LM or point "
                     f"lm.dir at the one it came from ({plan_lm.get('dir')!r})")
+    if record is not None and record.lm is not None and lm is not None:
+        now = _lm_identity(cfg, lm).identity()
+        if now != record.lm.identity():
+            raise ConfigError(
+                f"config field 'lm.dir' = {cfg.lm.dir!r} is invalid: the run in {cfg.workdir!r} "
+                f"started on LM checkpoint (step, token store, run id) = "
+                f"{record.lm.identity()}, and lm.dir now holds {now} (was the LM run "
+                f"continued?); resume on the same LM checkpoint or start a new workdir")
     if record is not None and record.data.get("fingerprint") != ident.get("fingerprint"):
         raise ConfigError(f"the run in {cfg.workdir!r} started on other activations "
                           f"({record.data.get('kind')} {record.data.get('fingerprint')!r}, now "
                           f"{ident.get('fingerprint')!r}): its normalisation and data order "
                           f"no longer hold; resume it on its data or start a new workdir")
+
+
+def _lm_identity(cfg: SAETrainConfig, lm: LMSource) -> LMIdentity:
+    return LMIdentity(dir=os.path.abspath(cfg.lm.dir), step=lm.meta.get("step"),
+                      token_store=lm.meta.get("store_dir"),
+                      store_fingerprint=lm.store.metadata.get("fingerprint"),
+                      run_id=lm.meta.get("run_id"))
 
 
 def _new_record(cfg: SAETrainConfig, lm: LMSource | None, source: ActivationSource
@@ -113,9 +141,7 @@ def _new_record(cfg: SAETrainConfig, lm: LMSource | None, source: ActivationSour
     identity = source.identity()
     lm_id = None
     if lm is not None:
-        lm_id = LMIdentity(dir=os.path.abspath(cfg.lm.dir), step=lm.meta.get("step"),
-                           token_store=lm.meta.get("store_dir"),
-                           store_fingerprint=lm.store.metadata.get("fingerprint"))
+        lm_id = _lm_identity(cfg, lm)
     return SAERunRecord(config=cfg, site=lm.site if lm else identity.get("site"), lm=lm_id,
                         data=identity, normalizer=Normalizer.from_stats(
                             stats, normalize=cfg.source.normalize),
@@ -266,9 +292,12 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
     def bundle() -> SAEBundle:
         return SAEBundle(state["sae"].params, cfg.sae, normalizer, record.site)
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int, log: bool = True) -> dict:
+        """Evaluates; ``log=False`` (a completed run re-run) only returns the numbers."""
         out = evaluation(bundle())
         density = out.pop("feature_density")
+        if not log:
+            return {**out, "step": step}
         writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()
                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
         alive = density[density > 0]
@@ -284,7 +313,8 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
 
     start = int(jax.device_get(state["sae"].step))
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
-    writer = MetricWriter(cfg.workdir, resume_step=start)  # drops what a dead run logged later
+    # Drops what a dead run logged after the restored step (everything, on a fresh start).
+    writer = MetricWriter(cfg.workdir, resume_step=start if start else -1)
     bar = ProgressBar(cfg.num_steps, start_step=start, enabled=cfg.progress_bar)
     summary: dict[str, Any] = {"eval": None, "interrupted": None, "resample_seconds": 0.0,
                                "resamples": [], "train_density": None}
@@ -358,7 +388,7 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
             at_sync=at_sync)
         final, summary["interrupted"] = result.final_step, result.interrupted
         if final == cfg.num_steps and (summary["eval"] is None or summary["eval"]["step"] != final):
-            summary["eval"] = run_eval(final)
+            summary["eval"] = run_eval(final, log=start < final)
     finally:
         ckpt.close()
         writer.close()

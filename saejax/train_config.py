@@ -192,7 +192,9 @@ class CheckpointConfig:
 
     def __post_init__(self):
         check_positive("checkpoint.every", self.every)
-        check_positive("checkpoint.keep", self.keep)
+        check("checkpoint.keep", self.keep, isinstance(self.keep, int) and self.keep >= 2,
+              "must be >= 2 (the previous checkpoint is the fallback when the newest cannot "
+              "be read back)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,6 +76,30 @@ def test_a_store_from_another_site_is_refused(tiny_lm_dir, harvested, tmp_path):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")  # refused before anything
 
 
+def test_another_lm_checkpoint_is_refused(tiny_lm_dir, harvested, tmp_path):
+    """A store harvested from the LM at step 2 does not feed an SAE of the same LM trained
+    on to step 3; an SAE run does not resume on the LM once that run was continued."""
+    import shutil
+
+    from saejax.checkpoint import Checkpointer
+    from saejax.lm.config import LMTrainConfig
+    from saejax.lm.train import train as train_lm
+
+    lm2 = tmp_path / "lm2"
+    shutil.copytree(tiny_lm_dir, lm2)
+    sae = tmp_path / "sae"
+    train(tiny(str(lm2), sae, num_steps=10))  # an SAE on lm2 at step 2
+    meta = Checkpointer(lm2 / "checkpoints", read_only=True).restore_metadata()
+    train_lm(from_config(LMTrainConfig, dict(meta["train"], workdir=str(lm2), num_steps=3)),
+             allow_changes=("num_steps", "workdir"))  # the LM run continued to step 3
+    cfg = tiny(str(lm2), tmp_path / "w", **{"source.kind": "store",
+                                           "source.store_dir": harvested["mlp.post"]})
+    with pytest.raises(ConfigError, match=r"harvested from another LM checkpoint .*\(2, .*\(3, "):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"started on LM checkpoint .*\(2, .* now holds \(3, "):
+        train(tiny(str(lm2), sae, num_steps=20), allow_changes=("num_steps",))
+
+
 def test_resuming_on_other_activations_is_refused(tiny_lm_dir, harvested, tmp_path):
     from saejax.harvest import run_harvest
 
@@ -254,20 +278,37 @@ def test_a_failed_corpus_build_does_not_block_the_corrected_command(tmp_path, mo
     assert not os.path.exists(tmp_path / "out")   # nothing written
     # A build that died half-way with other settings no longer blocks the corrected one.
     real = corpus_mod._ChunkWriter.commit
-    calls = {"n": 0}
 
-    def crash(self, split, block):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise KeyboardInterrupt
-        return real(self, split, block)
+    def crash_after(n):
+        calls = {"n": 0}
 
-    monkeypatch.setattr(corpus_mod._ChunkWriter, "commit", crash)
+        def crash(self, split, block):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise KeyboardInterrupt
+            return real(self, split, block)
+        return crash
+
+    # Died before committing anything, with other settings: replaced by the corrected build.
+    monkeypatch.setattr(corpus_mod._ChunkWriter, "commit", crash_after(0))
     with pytest.raises(KeyboardInterrupt):
         build_token_store(job(src, seq_len=8))
     monkeypatch.setattr(corpus_mod._ChunkWriter, "commit", real)
     store = build_token_store(job(src))
     assert store.seq_len == 16 and store.rows("train") > 0
+    # A half-written store that holds committed rows is not thrown away without asking.
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")
+    monkeypatch.setattr(corpus_mod._ChunkWriter, "commit", crash_after(1))
+    with pytest.raises(KeyboardInterrupt):
+        build_token_store(job(src, seq_len=8))
+    monkeypatch.setattr(corpus_mod._ChunkWriter, "commit", real)
+    from saejax.data.token_store import StoreExistsError
+
+    with pytest.raises(StoreExistsError, match="half-written store built with different "
+                                               "settings.*corpus.overwrite=true"):
+        build_token_store(job(src))
 
 
 # ------------------------------------------------------------------- launchers
@@ -397,16 +438,17 @@ ARR = ["--config=experiments/sae_arrays.py", "--config.progress_bar=false",
        "--config.workdir={missing}"]
 STEER = ["--feature=1", "--value=1", "--num_tokens=2"]
 TABLE = [  # (script, args, exit code, what the one line must say)
-    ("train_sae.py", [*SAE, "--config.lm.dir={missing}", "--config.workdir={missing}"], 1,
-     r"no LM checkpoint in .* give an LM training workdir"),
+    ("train_sae.py", [*SAE, "--config.lm.dir={missing}", "--config.workdir={missing}"], 2,
+     r"'lm.dir' = .* is invalid: no LM checkpoint in .* give an LM training workdir"),
     ("train_sae.py", [*SAE, "--config.lm.site=mlp.bogus", "--config.workdir={missing}"], 2,
      r"'lm.site' = 'mlp.bogus' is invalid: unknown activation site"),
     ("train_sae.py", [*SAE, "--config.sae.d_in=32", "--config.workdir={missing}"], 2,
      r"'sae.d_in' = 32 is invalid: site 'blocks.0.mlp.post' .* has width 64"),
     ("train_sae.py", [*SAE, "--config.source.kind=store", "--config.source.store_dir={tokens}",
-                      "--config.workdir={missing}"], 1, r"holds a 'token_store', not an activation store"),
+                      "--config.workdir={missing}"], 2,
+     r"'source.store_dir' = .* holds a 'token_store', not an activation store"),
     ("train_sae.py", [*SAE, "--config.source.kind=store", "--config.source.store_dir={missing}",
-                      "--config.workdir={missing}"], 1, r"no activation store at"),
+                      "--config.workdir={missing}"], 2, r"'source.store_dir' = .* no activation store at"),
     ("train_sae.py", [*SAE, "--config.source.kind=store",
                       "--config.source.store_dir={acts_pre}", "--config.workdir={missing}"],
      2, r"activations of site 'blocks.0.mlp.pre', but the run reads 'blocks.0.mlp.post'"),
@@ -426,7 +468,7 @@ TABLE = [  # (script, args, exit code, what the one line must say)
     ("train_sae.py", [*SAE, "--config.workdir={missing}", "--config.mesh.data=1",
                       "--config.mesh.model=8", "--config.sae.n_features=100"], 2,
      r"'sae.n_features' = 100 is invalid: must be divisible"),
-    ("train_sae.py", [*ARR, "--config.source.paths={missing}.npy"], 1, r"no .npy file matches"),
+    ("train_sae.py", [*ARR, "--config.source.paths={missing}.npy"], 2, r"no .npy file matches"),
     ("train_sae.py", [*ARR, "--config.source.paths={notnpy}"], 2,
      r"cannot read activations from .*notnpy.npy.* as a .npy array"),
     ("train_sae.py", [*ARR, "--config.source.paths={vec}"], 2, r"have shape \(10,\)"),
@@ -435,12 +477,13 @@ TABLE = [  # (script, args, exit code, what the one line must say)
     ("train_sae.py", [*ARR, "--config.source.paths={good_npy}", "--config.batch_size=64"], 2,
      r"'sae.d_in' = 512 is invalid: the arrays activations have width 8"),
     ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={missing}",
-                     "--config.workdir={missing}"], 1, r"no token store at"),
+                     "--config.workdir={missing}"], 2, r"'store_dir' = .* no token store at"),
     ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens_corrupt}",
                      "--config.workdir={missing}"], 1,
      r"train.zarr chunk 0 .* does not match its recorded sha256"),
     ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={acts_post}",
-                     "--config.workdir={missing}"], 1, r"holds a 'activation_store', not a token store"),
+                     "--config.workdir={missing}"], 2,
+     r"'store_dir' = .* holds a 'activation_store', not a token store"),
     ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens_badmeta}",
                      "--config.workdir={missing}"], 1, r"metadata.json is not valid JSON"),
     ("train_lm.py", ["--config=experiments/lm_tiny.py", "--config.store_dir={tokens}",
@@ -452,18 +495,18 @@ TABLE = [  # (script, args, exit code, what the one line must say)
      r"'num_steps' = 1 is invalid: .* is at step 2 already"),
     ("build_corpus.py", ["--config=experiments/corpus_text.py",
                          "--config.corpus.path={missing}", "--config.corpus.out_dir={missing}"],
-     1, r"corpus.path .* does not exist"),
+     2, r"'corpus.path' = .* is invalid: it does not exist"),
     ("build_corpus.py", ["--config=experiments/corpus_text.py", "--config.corpus.path={empty}",
-                         "--config.corpus.out_dir={missing}"], 1, r"matched no files"),
+                         "--config.corpus.out_dir={missing}"], 2, r"matched no files"),
     ("build_corpus.py", ["--config=experiments/corpus_stdlib.py",
-                         "--config.corpus.out_dir={tokens}"], 1,
+                         "--config.corpus.out_dir={tokens}"], 2,
      r"refusing to write a token store .* different settings"),
     ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={missing}",
-                    "--config.out_dir={missing}"], 1, r"no LM checkpoint in"),
+                    "--config.out_dir={missing}"], 2, r"'lm_dir' = .* no LM checkpoint in"),
     ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={lm}",
                     "--config.out_dir={tokens}", "--config.sae_batch_size=256",
                     "--config.lm_batch_size=16", "--config.num_contexts=64",
-                    "--config.chunk_mb=0.06"], 1,
+                    "--config.chunk_mb=0.06"], 2,
      r"refusing to write an activation store into .*: it holds a token store"),
     ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={lm}",
                     "--config.out_dir={missing}", "--config.num_contexts=100000"], 2,
@@ -471,11 +514,13 @@ TABLE = [  # (script, args, exit code, what the one line must say)
     ("harvest.py", ["--config=experiments/harvest.py", "--config.lm_dir={lm}",
                     "--config.out_dir={missing}", "--config.site=resid.bogus"], 2,
      r"'site' = 'resid.bogus' is invalid"),
-    ("steer.py", [*STEER, "--workdir={missing}"], 1, r"no checkpoints in .*no such directory"),
-    ("steer.py", [*STEER, "--sae={bogus_npz}"], 1, r"."),
-    ("steer.py", [*STEER, "--sae={missing}.npz"], 1, r"no SAE export at"),
-    ("steer.py", ["--feature=99999", "--value=1", "--workdir={sae_run}"], 1,
-     r"feature 99999 out of range"),
+    ("steer.py", [*STEER, "--workdir={missing}"], 2,
+     r"--workdir: no checkpoints in .*no such directory"),
+    ("steer.py", [*STEER, "--sae={bogus_npz}"], 2,
+     r"--sae: .*bogus.npz' is not a readable SAE export"),
+    ("steer.py", [*STEER, "--sae={missing}.npz"], 2, r"--sae: no SAE export at"),
+    ("steer.py", ["--feature=99999", "--value=1", "--workdir={sae_run}"], 2,
+     r"--feature=99999 is out of range: the dictionary has 256 features"),
     ("steer.py", [*STEER, "--workdir={arrays_run}"], 2, r"names no LM site"),
 ]
 

@@ -190,7 +190,7 @@ def test_arrays_errors_are_one_line(data, tmp_path, tiny_lm_dir):
         train(from_config(SAETrainConfig, config(data_dir, tmp_path / "s",
                                                  **{"source.paths": None})),
               activations=np.zeros(10, np.float32))
-    with pytest.raises(FileNotFoundError, match="no .npy file matches"):
+    with pytest.raises(ConfigError, match="no .npy file matches"):
         train(from_config(SAETrainConfig, config(data_dir, tmp_path / "m",
                                                  **{"source.paths": f"{data_dir}/none_*.npy"})))
     work = tmp_path / "short"

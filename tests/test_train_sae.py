@@ -247,3 +247,6 @@ def test_metrics_after_a_resume_inside_a_log_window_equal_the_uninterrupted_runs
     assert logged(tmp_path / "cut") == logged(tmp_path / "ref")
     steps = [r["step"] for r in logged(tmp_path / "ref") if "train/loss" in r]
     assert steps == [4, 8, 12, 16, 20, 24]
+    # Re-running the completed run evaluates for its summary but logs nothing twice.
+    assert train(cfg)["eval"]["step"] == 24
+    assert logged(tmp_path / "cut") == logged(tmp_path / "ref")

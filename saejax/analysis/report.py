@@ -51,7 +51,7 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
     if record.lm is None or record.lm.token_store is None:
         raise ConfigError(f"SAE run {sae_workdir!r} was trained without a saejax LM: the "
                           f"feature report needs the LM's contexts")
-    model, _ = load_lm(record.lm.dir, mesh=mesh)
+    model, _ = load_lm(record.lm.dir, step=record.lm.step, mesh=mesh)  # the one it trained on
     store = TokenStore.open(record.lm.token_store)
     n = min(n_contexts, store.rows(split))
     tokens = store.read(split, 0, n)

@@ -125,6 +125,6 @@ def restore_run(workdir: str, *, mesh: jax.sharding.Mesh | None = None,
         raise ConfigError(f"SAE run {workdir!r} was trained without a saejax LM; restore its "
                           f"dictionary with saejax.record.load_sae (encode / decode work "
                           f"on activations) instead of restore_run")
-    lm, _ = load_lm(record.lm.dir, mesh=mesh)
+    lm, _ = load_lm(record.lm.dir, step=record.lm.step, mesh=mesh)  # the one it trained on
     store = TokenStore.open(record.lm.token_store)
     return Run(sae=sae, lm=lm, tokenizer=store.tokenizer(), store=store, mesh=mesh, record=record)

@@ -107,7 +107,12 @@ class ActivationStoreWriter:
         self.array = ts.open(_spec(directory), open=True, read=True, write=True).result()
 
     def _create_or_resume(self, overwrite: bool) -> None:
-        meta = read_metadata(self.directory)
+        try:
+            meta = read_metadata(self.directory)
+        except CorruptStoreError:  # a damaged metadata.json: replaced only when asked to
+            if not overwrite:
+                raise
+            meta = {"kind": "activation_store", "plan": None}
         if meta is not None and meta.get("kind") != "activation_store":
             what = "token store" if meta.get("kind") == "token_store" else repr(meta.get("kind"))
             raise StoreExistsError(f"refusing to write an activation store into "
@@ -256,7 +261,8 @@ class ActivationStore:
         if crc32(block) != self.metadata["crc32"][index]:
             raise CorruptStoreError(f"activation store {self.directory!r}: chunk {index} (rows "
                                     f"{lo}:{lo + self.chunk_rows}) fails its crc32 check; it is "
-                                    f"corrupt and will not be trained on (re-harvest it)")
+                                    f"corrupt and will not be trained on: rebuild the store "
+                                    f"(launch/harvest.py with --config.overwrite=true)")
         return block
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:

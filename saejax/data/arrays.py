@@ -26,7 +26,7 @@ def expand_paths(spec: str) -> list[str]:
     """Files named by a path, a glob, or several separated by commas (each glob sorted).
 
     Raises:
-      FileNotFoundError: a part matches no file.
+      ConfigError: a part matches no file.
     """
     out = []
     for part in (p.strip() for p in spec.split(",")):
@@ -34,10 +34,10 @@ def expand_paths(spec: str) -> list[str]:
             continue
         found = sorted(glob.glob(os.path.expanduser(part)))
         if not found:
-            raise FileNotFoundError(f"no .npy file matches {part!r}")
+            raise ConfigError(f"no .npy file matches {part!r} (source.paths / eval_paths)")
         out += found
     if not out:
-        raise FileNotFoundError(f"no .npy files named by {spec!r}")
+        raise ConfigError(f"no .npy files named by {spec!r} (source.paths / eval_paths)")
     return out
 
 

@@ -126,27 +126,36 @@ class _Packer:
 def _prepare_directory(job: CorpusJobConfig, fingerprint: str, settings: dict) -> dict | None:
     """Returns the resumable metadata, or None to start fresh. Refuses to clobber.
 
-    A half-written store built with other settings (e.g. a build that failed on a mistyped
-    corpus.path) can never be resumed by these settings: it is replaced, with a warning,
-    so that it does not block the corrected command. A complete one is refused.
+    A half-written store built with other settings that committed no rows yet (e.g. a
+    build that failed early) cannot be resumed by these settings and holds nothing: it is
+    replaced, with a warning, so that it does not block the corrected command. One with
+    committed rows, or a complete one, is refused unless ``corpus.overwrite``; with it, even
+    a store whose metadata.json is damaged is replaced.
     """
     out = job.corpus.out_dir
-    meta = token_store.read_metadata(out)
+    try:
+        meta = token_store.read_metadata(out)
+    except token_store.CorruptStoreError:
+        if not job.corpus.overwrite:
+            raise
+        meta = {"kind": "damaged"}
     if meta is not None and meta.get("fingerprint") == fingerprint and not job.corpus.overwrite:
         return meta
-    half_written = (meta is not None and meta.get("kind") == "token_store"
-                    and meta.get("status") != "complete")
-    if half_written:
+    empty_half = (meta is not None and meta.get("kind") == "token_store"
+                  and meta.get("status") != "complete"
+                  and not any(v.get("rows") for v in meta.get("splits", {}).values()))
+    if empty_half:
         logging.warning("replacing the half-written token store in %s (built with other "
-                        "settings; it cannot be resumed with these)", out)
+                        "settings, no rows committed)", out)
     if meta is not None or (os.path.isdir(out) and os.listdir(out)):
-        if not job.corpus.overwrite and not half_written:
+        if not job.corpus.overwrite and not empty_half:
             if meta is None:
                 why = "it is a non-empty directory that is not a token store"
             else:
                 old = meta.get("settings", {})
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                why = f"it holds a store built with different settings (differing: {diff})"
+                state = "a half-written store" if meta.get("status") != "complete" else "a store"
+                why = f"it holds {state} built with different settings (differing: {diff})"
             raise token_store.StoreExistsError(
                 f"refusing to write a token store to {out!r}: {why}. Choose another "
                 f"corpus.out_dir or set corpus.overwrite=true to replace it")

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
+from saejax.config import ConfigError
+
 # Directory names never read from the stdlib (tests and installed third-party code).
 _STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                              "__pycache__"})
@@ -35,6 +37,10 @@ class DocumentSpec(Protocol):
 
 class CorpusError(ValueError):
     """The corpus cannot be built (no readable text, too short for one context, ...)."""
+
+
+class CorpusPathError(CorpusError, ConfigError):
+    """``corpus.path`` names nothing readable (a config error: exit code 2 in the launchers)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +133,12 @@ def expand_path(path: str) -> tuple[str, list[str]]:
         files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
         root = os.path.dirname(path.split("*", 1)[0]) or "."
         if not files and not glob.has_magic(path):
-            raise CorpusError(f"corpus.path {path!r} does not exist")
+            raise CorpusPathError(f"config field 'corpus.path' = {path!r} is invalid: it does "
+                                  f"not exist")
     files = sorted(files, key=lambda p: os.path.relpath(p, root))
     if not files:
-        raise CorpusError(f"corpus.path {path!r} matched no files")
+        raise CorpusPathError(f"config field 'corpus.path' = {path!r} is invalid: it matched "
+                              f"no files")
     return root, files
 
 

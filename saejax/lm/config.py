@@ -134,7 +134,10 @@ class LMTrainConfig:
         check_positive("eval_every", self.eval_every)
         check_nonnegative("eval_batches", self.eval_batches)
         check_positive("checkpoint_every", self.checkpoint_every)
-        check_positive("keep_checkpoints", self.keep_checkpoints)
+        check("keep_checkpoints", self.keep_checkpoints,
+              isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2,
+              "must be >= 2 (the previous checkpoint is the fallback when the newest cannot "
+              "be read back)")
         check("optim.warmup_steps", self.optim.warmup_steps,
               self.optim.warmup_steps < self.num_steps,
               f"must be < num_steps ({self.num_steps})")

@@ -54,8 +54,10 @@ def load_lm(path: str, *, step: int | None = None, mesh: jax.sharding.Mesh | Non
         raise FileNotFoundError(f"no LM checkpoint in {path!r}: give an LM training workdir "
                                 f"(launch/train_lm.py's --config.workdir)") from None
     try:
-        step = ckpt.latest_step() if step is None else step
-        meta = ckpt.restore_metadata(step)
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no LM checkpoint in {path!r}: give an LM training "
+                                    f"workdir (launch/train_lm.py's --config.workdir)")
+        meta = ckpt.restore_metadata(step)  # without a step: the newest that reads
         model_cfg = from_config(ModelConfig, meta["model"])
         optim_cfg = from_config(OptimConfig, meta["train"]["optim"])
         graphdef, params = nnx.split(abstract_model(model_cfg), nnx.Param)
@@ -66,7 +68,8 @@ def load_lm(path: str, *, step: int | None = None, mesh: jax.sharding.Mesh | Non
                               opt_state=jax.eval_shape(optimizer.init, params))
         shardings = jax.tree.map(lambda _: rep, abstract)
         shardings = shardings.replace(params=p_shard)
-        state, _, _ = ckpt.restore(abstract_with_shardings(abstract, shardings), step)
+        state, _, meta = ckpt.restore(abstract_with_shardings(abstract, shardings), step)
+        step = ckpt.restored_step
     finally:
         ckpt.close()
     meta["step"] = step

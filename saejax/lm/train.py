@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -220,8 +221,16 @@ def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
     from saejax.data.token_store import TokenStore
 
     t_start = time.perf_counter()
+    from saejax.data.token_store import CorruptStoreError, StoreError
+
     mesh = parallel.make_mesh(config.mesh)
-    store = TokenStore.open(config.store_dir)
+    try:
+        store = TokenStore.open(config.store_dir)
+    except (FileNotFoundError, StoreError) as e:
+        if isinstance(e, CorruptStoreError):
+            raise
+        raise ConfigError(f"config field 'store_dir' = {config.store_dir!r} is invalid: "
+                          f"{e}") from None
     model_cfg = resolve_model_config(config.model, store)
     train_loader = TokenLoader(store, "train", config.loader, mesh)
     val_cfg = replace(config.loader, shuffle=False, num_epochs=None)
@@ -233,7 +242,10 @@ def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
     unigram = unigram_baseline(store)
     metadata = {"model": to_dict(model_cfg), "train": to_dict(config), "versions": versions(),
                 "unigram": unigram, "store_dir": os.path.abspath(config.store_dir),
-                "store_fingerprint": store.metadata.get("fingerprint")}
+                "store_fingerprint": store.metadata.get("fingerprint"),
+                # Tells this run from any other (e.g. another seed with the same shape):
+                # stores harvested from it and SAE runs on it record it.
+                "run_id": uuid.uuid4().hex}
     ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"),
                         keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     if ckpt.latest_step() is not None:
@@ -249,12 +261,14 @@ def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
         state, data_state, saved_meta = ckpt.restore(abstract)  # the newest step that restores
         metadata["changes"] = _resume_changes(saved_meta, config, ckpt.restored_step,
                                               allow_changes, where)
+        metadata["run_id"] = saved_meta.get("run_id")
         train_loader.set_state(data_state["train"])
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start = int(jax.device_get(state.step))
     end = config.num_steps if stop_at is None else min(stop_at, config.num_steps)
 
-    writer = MetricWriter(config.workdir, resume_step=start)  # drops what a dead run logged later
+    # Drops what a dead run logged after the restored step (everything, on a fresh start).
+    writer = MetricWriter(config.workdir, resume_step=start if start else -1)
     bar = ProgressBar(config.num_steps, start_step=start, enabled=config.progress_bar)
     if start == 0:
         writer.write_scalars(0, {"val/unigram_baseline": unigram["val_cross_entropy"],
@@ -314,7 +328,9 @@ def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
         needs_eval = summary["val_loss"] is None or final % config.eval_every
         if needs_eval and summary["interrupted"] is None:  # exit promptly when asked to stop
             summary["val_loss"] = evaluate(fns, state.params, val_loader, eval_batches)
-            writer.write_scalars(final, {"val/loss": summary["val_loss"]})
+            # Logged only where the uninterrupted run logs it: at the run's end, once.
+            if final == config.num_steps and start < final:
+                writer.write_scalars(final, {"val/loss": summary["val_loss"]})
         bar.update(final, {"loss": summary["train_loss"] or math.nan,
                            "val": summary["val_loss"] or math.nan,
                            "tok/s": host.tokens_per_s}, force=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from typing import Any
 
 import flax.struct
@@ -142,12 +143,17 @@ def load_bundle(path: str) -> tuple[SAEBundle, dict[str, Any]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no SAE export at {path!r} (write one with "
                                 f"saejax.sae.bundle.save_bundle)")
-    with np.load(path) as data:
-        header = json.loads(str(data["header"]))
-        if header.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{path!r}: unsupported SAE export format {header.get('format')!r} "
-                             f"(this saejax reads format {EXPORT_FORMAT})")
-        params = SAEParams(**{k: np.asarray(data[k]) for k in _ARRAYS})
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            params = SAEParams(**{k: np.asarray(data[k]) for k in _ARRAYS})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # not an export
+        raise ValueError(f"{path!r} is not a readable SAE export (.npz from save_bundle): "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path!r}: unsupported SAE export format "
+                         f"{header.get('format') if isinstance(header, dict) else None!r} "
+                         f"(this saejax reads format {EXPORT_FORMAT})")
     bundle = SAEBundle(params=params, config=from_config(SAEConfig, header["config"], prefix="sae"),
                        normalizer=Normalizer.from_dict(header["normalizer"]), site=header["site"])
     return bundle, header.get("extra", {})
