@@ -51,6 +51,20 @@ class StoreExistsError(StoreError):
     """A store with different settings is in the way and overwrite was not requested."""
 
 
+def open_named(open_fn, directory: str, field: str):
+    """``open_fn(directory)`` for a store a config field names: nothing there, a half-written
+    store or the wrong kind of store is a ConfigError naming the field (the user points at
+    the wrong place); a corrupt store stays a :class:`CorruptStoreError`."""
+    from saejax.config import ConfigError
+
+    try:
+        return open_fn(directory)
+    except (FileNotFoundError, StoreError) as e:
+        if isinstance(e, CorruptStoreError):
+            raise
+        raise ConfigError(f"config field {field!r} = {directory!r} is invalid: {e}") from None
+
+
 def chunk_checksum(block: np.ndarray) -> str:
     """sha256 of a block's bytes (read in place: no copy of the block)."""
     return hashlib.sha256(memoryview(np.ascontiguousarray(block)).cast("B")).hexdigest()

@@ -220,17 +220,11 @@ def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
     from saejax.data.loader import TokenLoader  # noqa: PLC0415 - data layer only for training
     from saejax.data.token_store import TokenStore
 
-    t_start = time.perf_counter()
-    from saejax.data.token_store import CorruptStoreError, StoreError
+    from saejax.data.token_store import open_named
 
+    t_start = time.perf_counter()
     mesh = parallel.make_mesh(config.mesh)
-    try:
-        store = TokenStore.open(config.store_dir)
-    except (FileNotFoundError, StoreError) as e:
-        if isinstance(e, CorruptStoreError):
-            raise
-        raise ConfigError(f"config field 'store_dir' = {config.store_dir!r} is invalid: "
-                          f"{e}") from None
+    store = open_named(TokenStore.open, config.store_dir, "store_dir")
     model_cfg = resolve_model_config(config.model, store)
     train_loader = TokenLoader(store, "train", config.loader, mesh)
     val_cfg = replace(config.loader, shuffle=False, num_epochs=None)
