@@ -78,6 +78,28 @@ def params(workdir):
     return jax.tree.map(np.asarray, bundle.params), bundle, record
 
 
+def test_no_lm_stop_resume_restore_encode_in_process(data, tmp_path):
+    """The default suite's quick version of the launcher test below (which is slow): a run
+    stopped at a checkpoint and resumed ends bit-equal to an uninterrupted one."""
+    data_dir, rows = data
+    over = {"num_steps": 12, "eval.every": 12, "sae.resample_steps": ()}
+    ref = train(from_config(SAETrainConfig, config(data_dir, tmp_path / "ref", **over)))
+    cfg = from_config(SAETrainConfig, config(data_dir, tmp_path / "cut", **over))
+    assert train(cfg, stop_at=10)["step"] == 10
+    got = train(cfg)
+    assert got["step"] == 12
+    for a, b in zip(jax.tree.leaves(ref["bundle"].params), jax.tree.leaves(got["bundle"].params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bundle, record = load_sae(str(tmp_path / "cut"))
+    assert record.lm is None and record.step == 12
+    x = rows[:256]
+    want = sae_model.encode(bundle.params, x * record.normalizer.scale, bundle.config)
+    np.testing.assert_allclose(np.asarray(bundle.encode(x)), np.asarray(want), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.slow
 def test_launcher_no_lm_kill_resume_restore_encode(data, tmp_path):
     data_dir, rows = data
     # The uninterrupted run in this process; the launcher runs the one that is killed.
