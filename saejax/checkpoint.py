@@ -78,6 +78,7 @@ class Checkpointer:
             self.directory, options=options, item_names=(STATE, DATA, METADATA))
         self.read_only = read_only
         self.restored_step: int | None = None  # the step the last restore() read
+        self.metadata_step: int | None = None  # the step the last restore_metadata() read
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
@@ -212,20 +213,21 @@ class Checkpointer:
 
     def restore_metadata(self, step: int | None = None) -> dict:
         """Only the JSON metadata of ``step`` (cheap, no arrays). Without a step: the newest
-        step whose metadata reads (a damaged newer one is skipped with a warning)."""
-        if step is not None:
-            return self._metadata(step)
-        steps = sorted(self.all_steps(), reverse=True)
+        step whose metadata reads (a damaged newer one is skipped with a warning);
+        ``metadata_step`` tells which."""
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         for s in steps[:-1]:
             try:
-                return self._metadata(s)
+                meta, self.metadata_step = self._metadata(s), s
+                return meta
             except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
                 logging.warning("the metadata of checkpoint step %d in %s cannot be read "
                                 "(%s: %s); trying the previous step", s, self.directory,
                                 type(e).__name__, " ".join(str(e).split())[:300])
-        return self._metadata(steps[-1])
+        meta, self.metadata_step = self._metadata(steps[-1]), steps[-1]
+        return meta
 
     def _metadata(self, step: int) -> dict:
         out = self._manager.restore(step, args=ocp.args.Composite(

@@ -189,6 +189,23 @@ def check_resume(diffs: list[tuple[str, Any, Any]], allowed: Sequence[str], wher
                           f"or allow the change with --allow_changes={names}")
 
 
+def resume_changes(saved: Mapping[str, Any], new: Mapping[str, Any], step: int,
+                   allowed: Sequence[str], where: str) -> list[dict[str, Any]]:
+    """The config changes of a resume at ``step`` from ``saved`` to ``new`` (config dicts
+    with a top-level ``num_steps``), as ``{"step", "field", "old", "new"}`` records.
+
+    Raises:
+      ConfigError: ``num_steps`` below ``step``, or a changed field ``allowed`` does not name.
+    """
+    if new["num_steps"] < step:
+        raise ConfigError(f"config field 'num_steps' = {new['num_steps']} is invalid: {where} "
+                          f"is at step {step} already; raise num_steps to continue it "
+                          f"(--allow_changes=num_steps) or use a new workdir")
+    diffs = config_diff(saved, new)
+    check_resume(diffs, allowed, where)
+    return [{"step": step, "field": f, "old": a, "new": b} for f, a, b in diffs]
+
+
 def replace(obj: T, **changes: Any) -> T:
     """``dataclasses.replace`` that re-validates."""
     return dataclasses.replace(obj, **changes)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from saejax import parallel
-from saejax.config import ConfigError, MeshConfig, check_resume, config_diff, from_config, to_dict
+from saejax.config import ConfigError, MeshConfig, from_config, resume_changes, to_dict
 from saejax.normalize import ActivationStats, Normalizer
 from saejax.sae.bundle import SAEBundle
 from saejax.train_config import SAETrainConfig
@@ -105,16 +105,11 @@ class SAERunRecord:
           ConfigError: a field changed that is not allowed, or ``num_steps`` is below
             ``step``.
         """
-        if config.num_steps < step:
-            raise ConfigError(f"config field 'num_steps' = {config.num_steps} is invalid: "
-                              f"{where} is at step {step} already; raise num_steps to continue "
-                              f"it (--allow_changes=num_steps) or use a new workdir")
-        diffs = config_diff(to_dict(self.config), to_dict(config))
-        check_resume(diffs, (*ALWAYS_ALLOWED, *allowed), where)
-        if not diffs:
+        new = resume_changes(to_dict(self.config), to_dict(config), step,
+                             (*ALWAYS_ALLOWED, *allowed), where)
+        if not new:
             return self
-        new = tuple({"step": step, "field": f, "old": a, "new": b} for f, a, b in diffs)
-        return dataclasses.replace(self, config=config, changes=self.changes + new)
+        return dataclasses.replace(self, config=config, changes=self.changes + tuple(new))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, step: int | None = None,
@@ -151,17 +146,8 @@ def load_record(workdir: str, *, step: int | None = None) -> SAERunRecord:
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
-        if step is None:  # the newest step whose metadata reads
-            for s in sorted(ckpt.all_steps(), reverse=True):
-                try:
-                    meta, step = ckpt.restore_metadata(s), s
-                    break
-                except Exception:  # noqa: BLE001 - a damaged step: try the one before
-                    continue
-            else:
-                meta = ckpt.restore_metadata()  # raises the oldest step's error
-        else:
-            meta = ckpt.restore_metadata(step)
+        meta = ckpt.restore_metadata(step)  # without a step: the newest that reads
+        step = ckpt.metadata_step
     finally:
         ckpt.close()
     return SAERunRecord.from_dict(meta, step=step, where=f"{workdir!r} step {step}")

@@ -151,11 +151,10 @@ class RunEvaluation:
 
     def _held_out_store(self, train_store, site: str | None):
         """(store, in_sample): the held-out activations, else the training store itself."""
-        from saejax.data.activation_store import ActivationStore
-
         src = self.cfg.source
         if src.eval_store_dir:
-            return ActivationStore.open(src.eval_store_dir), False
+            return open_named(ActivationStore.open, src.eval_store_dir,
+                              "source.eval_store_dir"), False
         if src.eval_paths:
             return write_array_store(src.eval_paths, os.path.join(self.cfg.workdir, ARRAYS_EVAL_DIR),
                                      batch_size=self.cfg.batch_size, chunk_mb=src.chunk_mb,

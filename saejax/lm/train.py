@@ -31,7 +31,7 @@ from jaxtyping import Array, Float, Int
 
 from saejax import parallel
 from saejax.checkpoint import Checkpointer, abstract_with_shardings, versions
-from saejax.config import ConfigError, check_resume, config_diff, replace, to_dict
+from saejax.config import ConfigError, replace, resume_changes, to_dict
 from saejax.lm.config import LMTrainConfig, ModelConfig, OptimConfig
 from saejax.lm.model import abstract_model, forward, init_params, param_shardings, split_params
 from saejax.loop import HostMetrics, NonFiniteError, run_steps
@@ -188,14 +188,8 @@ ALWAYS_ALLOWED = ("workdir", "progress_bar", "mesh", "distributed", "async_check
 def _resume_changes(saved_meta: dict, config: LMTrainConfig, step: int,
                     allowed: tuple[str, ...], where: str) -> list[dict]:
     """The run's config changes with this resume's (refusing those not allowed)."""
-    if config.num_steps < step:
-        raise ConfigError(f"config field 'num_steps' = {config.num_steps} is invalid: {where} "
-                          f"is at step {step} already; raise num_steps to continue it "
-                          f"(--allow_changes=num_steps) or use a new workdir")
-    diffs = config_diff(saved_meta.get("train", {}), to_dict(config))
-    check_resume(diffs, (*ALWAYS_ALLOWED, *allowed), where)
-    return list(saved_meta.get("changes", [])) + [
-        {"step": step, "field": f, "old": a, "new": b} for f, a, b in diffs]
+    return list(saved_meta.get("changes", [])) + resume_changes(
+        saved_meta.get("train", {}), to_dict(config), step, (*ALWAYS_ALLOWED, *allowed), where)
 
 
 def train(config: LMTrainConfig, *, allow_changes: tuple[str, ...] = (),
