@@ -42,7 +42,13 @@ def get_config(run: str = "a1") -> ml_collections.ConfigDict:
         precision="f32", resample_steps=(25_000, 50_000, 75_000, 100_000), dead_window=12_500,
         resample_sample_size=819_200, resample_chunk_size=8_192, resample_encoder_scale=0.2,
         dense_threshold=0.01, aux_k=0, aux_coefficient=1 / 32, aux_candidates=1024,
-        geometric_median_iters=100, seed=0))
+        geometric_median_iters=100, seed=0,
+        # The newer families and the schedules (saejax/sae/config.py documents each field).
+        l0_coefficient=1e-3, target_l0=0.0, jumprelu_bandwidth=0.001, jumprelu_init_threshold=0.001,
+        jumprelu_threshold_param="raw", threshold_ema=0.01, matryoshka_groups=(), decoder="unit",
+        init="default", init_decoder_norm=1.0, total_steps=0, lr_warmup_steps=0,
+        lr_decay_fraction=0.0, sparsity_warmup_fraction=0.0, k_anneal_start=0,
+        k_anneal_fraction=0.0, grad_clip=0.0))
     c.lm = ml_collections.ConfigDict(dict(
         dir=ml_collections.FieldReference("runs/lm/paper", field_type=str), site="mlp.post"))
     c.source = source()

@@ -178,7 +178,7 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
     def step(i: int):
         nonlocal state
         dev, batch = source.next(state["source"])
-        sae_state, metrics = train_step(state["sae"], prep(batch))
+        sae_state, metrics = train_step(state["sae"], prep(batch), step=i)
         state = {"sae": sae_state, "source": dev,
                  "counts": add_counts(state["counts"], metrics["feature_counts"])}
         return metrics

@@ -232,6 +232,11 @@ class SAETrainConfig:
         check("workdir", self.workdir, bool(self.workdir), "must be a non-empty path")
         for name in ("batch_size", "num_steps", "log_every"):
             check_positive(name, getattr(self, name))
+        scheduled = (self.sae.lr_decay_fraction, self.sae.sparsity_warmup_fraction, self.sae.k_anneal_fraction)
+        if self.sae.total_steps == 0 and any(f > 0 for f in scheduled):
+            # The schedules' length is the run's (a resumed run that raises num_steps then
+            # changes sae.total_steps too, which --allow_changes must name).
+            object.__setattr__(self, "sae", dataclasses.replace(self.sae, total_steps=self.num_steps))
         if self.source.kind == "lm":
             check("lm.dir", self.lm.dir, self.lm.dir is not None,
                   "must name an LM when source.kind='lm' (the activations come from it)")

@@ -99,7 +99,8 @@ def test_handwritten_gradients_match_autodiff(arch, feature_major):
     out = model.forward_backward(params, x, cfg, feature_major=feature_major)
     auto_loss, auto = jax.value_and_grad(lambda p: jnp.mean(model.per_input_loss(p, x, cfg)))(params)
     np.testing.assert_allclose(out.loss, auto_loss, rtol=1e-6)
-    x_hat = model.decode(params, model.encode(params, x, cfg), cfg)
+    # The training form (BatchTopK's batch-wide selection; encode defaults to inference).
+    x_hat = model.decode(params, model.encode(params, x, cfg, model.train_context(cfg)), cfg)
     np.testing.assert_allclose(out.x_hat, x_hat, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.f.shape, (B, F))
     for k in ("W_enc", "b_enc", "W_dec", "b_dec"):

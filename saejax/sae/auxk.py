@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from saejax.sae.config import SAEConfig
+from saejax.sae.dead import dead_mask
 from saejax.sae.matmul import mm as _mm
 
 
@@ -45,7 +46,7 @@ def auxk(params: Any, x_bar: Float[Array, "B D"], residual: Float[Array, "B D"],
     p = config.precision
     b, d = x_bar.shape
     m = min(config.aux_candidates, config.n_features)
-    dead = stale >= config.dead_window
+    dead = dead_mask(stale, config)
     _, idx = jax.lax.top_k(jnp.where(dead, stale, -1).astype(jnp.float32), m)   # longest dead first
     valid = dead[idx]
     # The candidates' pre-activations again, as a [B, D] x [D, M] product: cheaper on

@@ -45,7 +45,7 @@ from saejax.config import check, from_config, to_dict
 from saejax.normalize import Normalizer
 from saejax.sae import model
 from saejax.sae.config import SAEConfig
-from saejax.sae.model import PARAM_AXES, SAEParams
+from saejax.sae.model import SAEParams
 
 
 @flax.struct.dataclass
@@ -72,6 +72,9 @@ class SAEBundle:
             check("sae.params.W_dec", shape, shape == (self.config.n_features, self.config.d_in),
                   f"must have shape (n_features, d_in) = "
                   f"({self.config.n_features}, {self.config.d_in})")
+            want = sorted(model.param_specs(self.config))
+            check("sae.params.extra", sorted(self.params.extra), sorted(self.params.extra) == want,
+                  f"must hold {want} for architecture {self.config.architecture!r}")
 
     @property
     def n_features(self) -> int:
@@ -112,19 +115,39 @@ class SAEBundle:
         f (W_dec / c) + b_dec / c. The folded decoder rows are no longer unit norm.
         """
         c, p = self.normalizer.scale, self.params
-        params = SAEParams(W_enc=p.W_enc * c, b_enc=p.b_enc, W_dec=p.W_dec / c, b_dec=p.b_dec / c)
+        # The pre-activations are unchanged, so thresholds, r_mag and b_mag stay as they are.
+        params = SAEParams(W_enc=p.W_enc * c, b_enc=p.b_enc, W_dec=p.W_dec / c, b_dec=p.b_dec / c,
+                           extra=dict(p.extra))
         return dataclasses.replace(self, params=params, normalizer=Normalizer())
+
+    def as_jumprelu(self) -> SAEBundle:
+        """A BatchTopK or Matryoshka dictionary in its inference form: a JumpReLU whose
+        thresholds all equal the running threshold theta (the same features, bit for bit:
+        ReLU(z) > theta and ReLU(z) H(z - theta) agree for every theta). A JumpReLU is
+        returned as it is; other architectures have no such form (ValueError)."""
+        arch = self.config.architecture
+        if arch == "jumprelu":
+            return self
+        if arch not in ("batchtopk", "matryoshka"):
+            raise ValueError(f"architecture {arch!r} has no JumpReLU form (batchtopk, matryoshka and "
+                             f"jumprelu have one)")
+        theta = jnp.asarray(self.params.extra["threshold"], jnp.float32)
+        config = dataclasses.replace(self.config, architecture="jumprelu", jumprelu_threshold_param="raw",
+                                     matryoshka_groups=(), k_anneal_start=0, k_anneal_fraction=0.0)
+        params = self.params.replace(extra={"threshold": jnp.full((self.config.n_features,), theta)})
+        return dataclasses.replace(self, params=params, config=config)
 
     def on_mesh(self, mesh: jax.sharding.Mesh) -> SAEBundle:
         """The bundle with its parameters placed on ``mesh`` (latent axis over "model")."""
-        placed = {name: jax.device_put(getattr(self.params, name),
-                                       parallel.named_sharding(mesh, getattr(PARAM_AXES, name)))
-                  for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        return dataclasses.replace(self, params=SAEParams(**placed))
+        axes = model.param_axes(self.config)
+        placed = jax.tree.map(lambda v, a: jax.device_put(v, parallel.named_sharding(mesh, a)),
+                              self.params, axes)
+        return dataclasses.replace(self, params=placed)
 
 
 EXPORT_FORMAT = 2
 _ARRAYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+_EXTRA = "extra/"  # prefix of the architecture's own arrays in the .npz
 
 
 def save_bundle(path: str, bundle: SAEBundle, extra: dict[str, Any] | None = None) -> None:
@@ -132,6 +155,7 @@ def save_bundle(path: str, bundle: SAEBundle, extra: dict[str, Any] | None = Non
     header = {"format": EXPORT_FORMAT, "config": to_dict(bundle.config), "site": bundle.site,
               "normalizer": bundle.normalizer.to_dict(), "extra": extra or {}}
     arrays = {name: np.asarray(getattr(bundle.params, name), np.float32) for name in _ARRAYS}
+    arrays.update({_EXTRA + name: np.asarray(v, np.float32) for name, v in bundle.params.extra.items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, header=np.asarray(json.dumps(header)), **arrays)
@@ -146,7 +170,9 @@ def load_bundle(path: str) -> tuple[SAEBundle, dict[str, Any]]:
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
-            params = SAEParams(**{k: np.asarray(data[k]) for k in _ARRAYS})
+            params = SAEParams(**{k: np.asarray(data[k]) for k in _ARRAYS},
+                               extra={k[len(_EXTRA):]: np.asarray(data[k]) for k in data.files
+                                      if k.startswith(_EXTRA)})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # not an export
         raise ValueError(f"{path!r} is not a readable SAE export (.npz from save_bundle): "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None

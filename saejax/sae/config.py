@@ -15,6 +15,9 @@ from typing import Literal, get_args
 from saejax.config import check, check_choice, check_fraction, check_nonnegative, check_positive
 
 Precision = Literal["f32", "bf16"]
+Decoder = Literal["unit", "free"]
+Init = Literal["default", "kaiming", "tied"]
+ThresholdParam = Literal["raw", "log"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +27,55 @@ class SAEConfig:
     Attributes:
       d_in: input width D (the paper: 512 MLP neurons).
       n_features: dictionary size F (the paper: 512 .. 131,072).
-      architecture: a name in the architecture registry ("relu" = the paper's ReLU + L1,
-        "topk" = Gao et al. TopK, no L1).
+      architecture: a name in the architecture registry: "relu" (the paper's ReLU + L1),
+        "topk" (Gao et al. 2024), "batchtopk" (Bussmann et al. 2024), "jumprelu"
+        (Rajamanoharan et al. 2024 / Gemma Scope), "matryoshka" (BatchTopK with nested
+        prefixes, Bussmann et al. 2025), "gated" (Rajamanoharan et al. 2024). Each
+        module's docstring names the sources it follows where they disagree.
       dead_strategy: a name in the dead-feature strategy registry ("resample" = the
         paper's neuron resampling, "none").
-      l1_coefficient: lambda of the L1 penalty (sum over features, batch mean); ignored by
-        architectures without an L1 term (TopK).
-      k: active features per input for TopK; ignored by other architectures.
+      l1_coefficient: lambda of the L1 penalty (sum over features, batch mean) of "relu"
+        and of the gate path of "gated"; ignored by the others.
+      k: active features per input for "topk"; the mean per input of "batchtopk" and
+        "matryoshka" (B k kept over a batch of B); ignored by the others.
+      l0_coefficient: lambda of JumpReLU's L0 penalty (Gemma Scope's lambda: their
+        sum-MSE on E||x||^2 = 1 equals saejax's mean-MSE on E||x|| = sqrt(D), so it
+        transfers unchanged).
+      target_l0: > 0 replaces JumpReLU's L0 penalty by the quadratic one of Gemma Scope 2
+        (eq. 5): l0_coefficient * (2 / target_l0) * (||f||_0 - target_l0)^2 per input.
+      jumprelu_bandwidth: epsilon of the rectangle kernel of JumpReLU's straight-through
+        estimators, in Gemma Scope's units (inputs with E||x||^2 = 1; 0.001 there). saejax's
+        inputs have E||x|| = sqrt(D), so the step uses it times sqrt(d_in).
+      jumprelu_init_threshold: theta_0, in the same units (Gemma Scope: 0.001), times sqrt(d_in).
+      jumprelu_threshold_param: "raw" trains theta itself (dictionary_learning; SAELens
+        since PR #718), "log" trains log(theta) (the JumpReLU paper, App. J).
+      threshold_ema: BatchTopK / Matryoshka running inference threshold: set to the first
+        batch's smallest kept activation, then theta <- (1 - r) theta + r m every step.
+      matryoshka_groups: Matryoshka group sizes (sum = n_features); () = the example of
+        Bussmann's reference code, [F/16, F/16, F/8, F/4, F/2].
+      decoder: "unit" keeps every dictionary vector at unit norm (projected gradient,
+        renormalised after each update; the paper, Gemma Scope, Gated); "free" leaves the
+        decoder unconstrained and weights the L1 penalty by the decoder norms,
+        lambda sum_i f_i ||d_i|| (Anthropic's April 2024 update, "relu" only).
+      init: "kaiming" (untied Kaiming-uniform encoder and decoder, unit decoder rows),
+        "tied" (He-uniform decoder rows scaled to ``init_decoder_norm``, W_enc = W_dec:
+        Gemma Scope, dictionary_learning, SAELens), or "default" (the architecture's).
+      init_decoder_norm: decoder row norm of the "tied" init (April update: 0.1; must be
+        1 with a unit decoder).
+      total_steps: the run's length, for the schedules below (the training config sets
+        it from ``num_steps`` when it is 0).
+      lr_warmup_steps: linear learning-rate warm-up, factor min(1, (t + 1) / W).
+      lr_decay_fraction: linear decay to 0 over this last fraction of ``total_steps``
+        (April update: 0.2), factor min(1, (T - t) / (fraction T)).
+      sparsity_warmup_fraction: the sparsity coefficient (L1 or L0) rises linearly from 0
+        over this first fraction of steps, factor min(1, t / (fraction T)) (April update:
+        0.05).
+      k_anneal_start: > 0 anneals k for "topk" / "batchtopk" / "matryoshka" linearly from
+        this value down to ``k`` over the first ``k_anneal_fraction`` of the steps
+        (sparsify's rule, k_t = round(k0 (1 - p) + k p)).
+      k_anneal_fraction: see ``k_anneal_start``.
+      grad_clip: > 0 clips the raw gradient to this global L2 norm before the decoder
+        projection and Adam (dictionary_learning and SAELens use 1.0); 0 = off.
       lr, adam_b1, adam_b2, adam_eps: Adam (the paper gives no learning rate).
       precision: "f32", or "bf16" = bf16 matmul inputs with f32 accumulation; parameters,
         optimiser state and all elementwise maths stay f32 in both modes.
@@ -64,6 +109,23 @@ class SAEConfig:
     dead_strategy: str = "resample"
     l1_coefficient: float = 3e-3
     k: int = 32
+    l0_coefficient: float = 1e-3
+    target_l0: float = 0.0
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+    jumprelu_threshold_param: ThresholdParam = "raw"
+    threshold_ema: float = 0.01
+    matryoshka_groups: tuple[int, ...] = ()
+    decoder: Decoder = "unit"
+    init: Init = "default"
+    init_decoder_norm: float = 1.0
+    total_steps: int = 0
+    lr_warmup_steps: int = 0
+    lr_decay_fraction: float = 0.0
+    sparsity_warmup_fraction: float = 0.0
+    k_anneal_start: int = 0
+    k_anneal_fraction: float = 0.0
+    grad_clip: float = 0.0
     lr: float = 1e-4
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -93,6 +155,51 @@ class SAEConfig:
         arch = registry.get_architecture(self.architecture)
         check_nonnegative("sae.l1_coefficient", self.l1_coefficient)
         check("sae.k", self.k, isinstance(self.k, int) and self.k >= 1, "must be an integer >= 1")
+        if arch.uses_k:
+            check("sae.k", self.k, self.k <= self.n_features,
+                  f"must be <= sae.n_features={self.n_features} for architecture {self.architecture!r}")
+        check_nonnegative("sae.l0_coefficient", self.l0_coefficient)
+        check_nonnegative("sae.target_l0", self.target_l0)
+        check_positive("sae.jumprelu_bandwidth", self.jumprelu_bandwidth)
+        check_positive("sae.jumprelu_init_threshold", self.jumprelu_init_threshold)
+        check_choice("sae.jumprelu_threshold_param", self.jumprelu_threshold_param,
+                     get_args(ThresholdParam))
+        check("sae.threshold_ema", self.threshold_ema,
+              isinstance(self.threshold_ema, (int, float)) and 0 < self.threshold_ema <= 1,
+              "must be in (0, 1]")
+        groups = tuple(self.matryoshka_groups)
+        check("sae.matryoshka_groups", groups,
+              all(isinstance(g, int) and g > 0 for g in groups), "must be positive integers")
+        if groups:
+            check("sae.matryoshka_groups", groups, arch.nested,
+                  f"is used by architecture 'matryoshka' only, not {self.architecture!r}")
+            check("sae.matryoshka_groups", groups, sum(groups) == self.n_features,
+                  f"must sum to sae.n_features={self.n_features} (they sum to {sum(groups)})")
+        check_choice("sae.decoder", self.decoder, get_args(Decoder))
+        if self.decoder == "free":
+            check("sae.decoder", self.decoder, self.architecture == "relu",
+                  "'free' (the April 2024 update's decoder-norm-weighted L1) is defined for "
+                  f"architecture 'relu' only, not {self.architecture!r}")
+        check_choice("sae.init", self.init, get_args(Init))
+        check_positive("sae.init_decoder_norm", self.init_decoder_norm)
+        if self.decoder == "unit":
+            check("sae.init_decoder_norm", self.init_decoder_norm, self.init_decoder_norm == 1.0,
+                  "must be 1.0 with sae.decoder='unit' (the rows are kept at unit norm)")
+        check_nonnegative("sae.total_steps", self.total_steps)
+        check_nonnegative("sae.lr_warmup_steps", self.lr_warmup_steps)
+        for name in ("lr_decay_fraction", "sparsity_warmup_fraction", "k_anneal_fraction"):
+            check_fraction(f"sae.{name}", getattr(self, name), closed=True)
+        check("sae.k_anneal_start", self.k_anneal_start,
+              isinstance(self.k_anneal_start, int) and self.k_anneal_start >= 0, "must be an integer >= 0")
+        if self.k_anneal_start:
+            check("sae.k_anneal_start", self.k_anneal_start, arch.uses_k,
+                  f"anneals k, which architecture {self.architecture!r} does not use")
+            check("sae.k_anneal_start", self.k_anneal_start,
+                  self.k < self.k_anneal_start <= self.n_features,
+                  f"must be > sae.k={self.k} and <= sae.n_features={self.n_features}")
+            check("sae.k_anneal_fraction", self.k_anneal_fraction, self.k_anneal_fraction > 0,
+                  "must be > 0 when sae.k_anneal_start is set")
+        check_nonnegative("sae.grad_clip", self.grad_clip)
         if arch.check is not None:
             arch.check(self)
         check_positive("sae.lr", self.lr)
@@ -125,3 +232,30 @@ class SAEConfig:
                   f"sae.n_features={self.n_features}")
         check_positive("sae.geometric_median_iters", self.geometric_median_iters)
         check_nonnegative("sae.seed", self.seed)
+
+    def check_schedule(self) -> None:
+        """Raises ConfigError if a schedule is a fraction of an unknown length (the train step
+        calls this; ``SAETrainConfig`` fills ``total_steps`` from ``num_steps``)."""
+        for name in ("lr_decay_fraction", "sparsity_warmup_fraction", "k_anneal_fraction"):
+            if getattr(self, name) > 0:
+                check("sae.total_steps", self.total_steps, self.total_steps > 0,
+                      f"must be > 0 when sae.{name} > 0 (the training config sets it from num_steps)")
+
+    def groups(self) -> tuple[int, ...]:
+        """The Matryoshka group sizes (``matryoshka_groups`` or the default split); (F,) otherwise."""
+        from saejax.sae import registry
+
+        if not registry.get_architecture(self.architecture).nested:
+            return (self.n_features,)
+        if self.matryoshka_groups:
+            return tuple(self.matryoshka_groups)
+        f = self.n_features
+        sizes = [f // 16, f // 16, f // 8, f // 4]
+        return tuple(s for s in sizes + [f - sum(sizes)] if s > 0)
+
+    def init_scheme(self) -> str:
+        """"kaiming" or "tied": ``init``, or the architecture's default."""
+        from saejax.sae import registry
+
+        return registry.get_architecture(self.architecture).default_init if self.init == "default" \
+            else self.init

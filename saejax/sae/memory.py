@@ -35,7 +35,11 @@ def estimate_memory(config: SAEConfig, mesh: Mesh, batch_size: int) -> dict[str,
     m, b = _axis_size(mesh, "latent"), _axis_size(mesh, "batch")
     f_local = -(-f // m)
     b_local = -(-batch_size // b)
-    params = 4 * (2 * d * f_local + f_local + d)
+    from saejax.sae import model, registry
+
+    specs = model.param_specs(config)
+    n_extra = sum(f_local if spec.per_feature else 1 for spec in specs.values())
+    params = 4 * (2 * d * f_local + f_local + d + n_extra)
     out = {
         "params": params,
         "optimizer": 2 * params,
@@ -43,8 +47,11 @@ def estimate_memory(config: SAEConfig, mesh: Mesh, batch_size: int) -> dict[str,
         # Donation reuses the state buffers, but gradients and updates coexist with them.
         "update_copy": 2 * params,
         "batch": 4 * b_local * d * 2,
-        # pre, f, d_f, d_pre in f32 (+ bf16 copies of f and d_pre in bf16 mode).
-        "activations": b_local * f_local * (4 * 4 + (2 * 2 if config.precision == "bf16" else 0)),
+        # pre, f, d_f, d_pre in f32 (+ bf16 copies of f and d_pre in bf16 mode); Gated's
+        # auxiliary reconstruction adds its gate features and their gradient.
+        "activations": b_local * f_local * (4 * 4 + (2 * 2 if config.precision == "bf16" else 0)
+                                            + (2 * 4 if registry.get_architecture(config.architecture).aux_recon
+                                               else 0)),
     }
     out["total"] = sum(out.values())
     return out

@@ -50,27 +50,84 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from saejax.sae import auxk
+from saejax.sae import auxk, schedule
 from saejax.sae.config import SAEConfig
+from saejax.sae.dead import dead_mask
 from saejax.sae.matmul import mm as _mm
-from saejax.sae.registry import get_architecture
+from saejax.sae.registry import ParamSpec, get_architecture
 
 _NORM_EPS = 1e-12
 
 
 @flax.struct.dataclass
 class SAEParams:
-    """Dictionary parameters (always float32)."""
+    """Dictionary parameters (always float32).
+
+    ``extra`` holds the architecture's own parameters by name (:class:`ParamSpec`): per
+    feature [F] (JumpReLU's threshold, Gated's r_mag and b_mag), or scalars (BatchTopK's
+    running threshold); empty for ReLU and TopK.
+    """
 
     W_enc: Float[Array, "F D"]
     b_enc: Float[Array, " F"]
     W_dec: Float[Array, "F D"]
     b_dec: Float[Array, " D"]
+    extra: dict[str, Array] = flax.struct.field(default_factory=dict)
 
 
-# Logical axis names of each parameter (parallel.py maps them to mesh axes).
+# Logical axis names of each parameter (parallel.py maps them to mesh axes); the
+# architecture's extras are in :func:`param_axes`.
 PARAM_AXES = SAEParams(W_enc=("latent", "d_in"), b_enc=("latent",), W_dec=("latent", "d_in"),
                        b_dec=("d_in",))
+
+
+def param_specs(config: SAEConfig) -> dict[str, ParamSpec]:
+    """The architecture's own parameters for ``config``, name -> :class:`ParamSpec`."""
+    return dict(get_architecture(config.architecture).params(config))
+
+
+def param_axes(config: SAEConfig) -> SAEParams:
+    """Logical axes of every parameter of ``config``'s architecture (extras included)."""
+    return PARAM_AXES.replace(extra={name: ("latent",) if spec.per_feature else ()
+                                     for name, spec in param_specs(config).items()})
+
+
+class Context(NamedTuple):
+    """What an activation or penalty may depend on besides its inputs.
+
+    Attributes:
+      config: the SAE config.
+      train: the training form (BatchTopK's batch-wide selection) or the inference form
+        (its running threshold); static.
+      sparsity: the sparsity-coefficient warm-up factor in [0, 1] (a traced scalar).
+      k: the active features per input now (a traced int32 while k is annealed).
+      k_max: a static upper bound of ``k`` (the size of the top-k that runs).
+    """
+
+    config: SAEConfig
+    train: bool
+    sparsity: Array | float
+    k: Array | int
+    k_max: int
+
+
+def inference_context(config: SAEConfig) -> Context:
+    """The inference form with the final k and the full sparsity coefficient."""
+    return Context(config, False, 1.0, config.k, config.k)
+
+
+def train_context(config: SAEConfig, step: Int[Array, ""] | None = None, anneal: bool = False) -> Context:
+    """The training form at ``step`` (schedules applied; None = none: full coefficient, final k).
+
+    ``anneal`` selects the program that runs while k is annealed (a top-k of
+    ``k_anneal_start`` masked to the current k); see :mod:`saejax.sae.schedule`.
+    """
+    if step is None:
+        return Context(config, True, 1.0, config.k, config.k)
+    sparsity = schedule.sparsity_factor(config, step)
+    if anneal:
+        return Context(config, True, sparsity, schedule.current_k(config, step), config.k_anneal_start)
+    return Context(config, True, sparsity, config.k, config.k)
 
 
 class Forward(NamedTuple):
@@ -83,6 +140,7 @@ class Forward(NamedTuple):
     f: Float[Array, "B F"]
     x_hat: Float[Array, "B D"]
     grads: SAEParams
+    stats: dict[str, Array]
 
 
 def _kaiming_uniform(key: Array, shape: tuple[int, int], fan_in: int) -> Float[Array, "M N"]:
@@ -102,48 +160,113 @@ def unit_rows(w: Float[Array, "F D"]) -> Float[Array, "F D"]:
     return w / jnp.maximum(norm, _NORM_EPS)
 
 
+def init_extra(config: SAEConfig) -> dict[str, Array]:
+    """The architecture's own parameters at their initial values."""
+    f = config.n_features
+    return {name: jnp.full((f,) if spec.per_feature else (), spec.init(config), jnp.float32)
+            for name, spec in param_specs(config).items()}
+
+
 def init_params(key: Array, config: SAEConfig, b_dec: Float[Array, " D"]) -> SAEParams:
-    """Untied Kaiming-uniform encoder and decoder, unit-norm dictionary, zero encoder bias.
+    """Initial parameters; zero encoder bias, the architecture's extras at their init.
+
+    ``config.init_scheme()``: "kaiming" = untied Kaiming-uniform encoder and decoder (as
+    PyTorch's nn.Linear), unit-norm dictionary rows; "tied" = uniformly random decoder rows
+    scaled to ``init_decoder_norm`` and W_enc = W_dec (in saejax's [F, D] layout, i.e.
+    W_enc = W_dec^T of the papers' layout; Gemma Scope's He-uniform init, rescaled).
 
     Args:
       key: RNG key.
-      config: SAE config (d_in, n_features).
+      config: SAE config (d_in, n_features, architecture, init).
       b_dec: decoder (and tied pre-encoder) bias, e.g. the geometric median of a sample.
     """
     d, f = config.d_in, config.n_features
     k_enc, k_dec = jax.random.split(key)
-    # Encoder: a Linear D -> F (fan_in D); decoder: a Linear F -> D (fan_in F).
-    w_enc = _kaiming_uniform(k_enc, (f, d), fan_in=d)
-    w_dec = unit_rows(_kaiming_uniform(k_dec, (f, d), fan_in=f))
+    if config.init_scheme() == "tied":
+        w_dec = unit_rows(jax.random.uniform(k_dec, (f, d), jnp.float32, -1.0, 1.0)) * config.init_decoder_norm
+        w_enc = jnp.array(w_dec, copy=True)  # its own buffer (the step donates both)
+    else:
+        # Encoder: a Linear D -> F (fan_in D); decoder: a Linear F -> D (fan_in F).
+        w_enc = _kaiming_uniform(k_enc, (f, d), fan_in=d)
+        w_dec = unit_rows(_kaiming_uniform(k_dec, (f, d), fan_in=f))
     return SAEParams(W_enc=w_enc, b_enc=jnp.zeros((f,), jnp.float32), W_dec=w_dec,
-                     b_dec=jnp.asarray(b_dec, jnp.float32).reshape(d))
+                     b_dec=jnp.asarray(b_dec, jnp.float32).reshape(d), extra=init_extra(config))
 
 
-def encode(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Float[Array, "B F"]:
-    """Feature activations f for inputs x."""
+def _side(params: SAEParams, config: SAEConfig, dec_norm: Array | None = None) -> dict[str, Array]:
+    """The activation's and penalty's inputs besides ``pre``: extras, b_enc, decoder norms."""
+    side = dict(params.extra)
+    side["b_enc"] = params.b_enc
+    if config.decoder == "free":
+        side["dec_norm"] = jnp.linalg.norm(params.W_dec, axis=-1) if dec_norm is None else dec_norm
+    return side
+
+
+def pre_activations(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Float[Array, "B F"]:
+    """(x - b_dec) W_enc^T + b_enc."""
+    return _mm(x - params.b_dec, params.W_enc, config.precision, contract=(1, 1)) + params.b_enc
+
+
+def encode(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
+           ctx: Context | None = None) -> Float[Array, "B F"]:
+    """Feature activations f for inputs x (the inference form unless ``ctx`` says otherwise)."""
     arch = get_architecture(config.architecture)
-    pre = _mm(x - params.b_dec, params.W_enc, config.precision, contract=(1, 1)) + params.b_enc
-    return arch.activation(pre, config)
+    ctx = inference_context(config) if ctx is None else ctx
+    return arch.activation(pre_activations(params, x, config), _side(params, config), ctx)[0]
 
 
 def decode(params: SAEParams, f: Float[Array, "B F"], config: SAEConfig) -> Float[Array, "B D"]:
-    """Reconstruction x_hat from features f."""
+    """Reconstruction x_hat from features f (the whole dictionary)."""
     return _mm(f, params.W_dec, config.precision) + params.b_dec
 
 
-def per_input_loss(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig) -> Float[Array, " B"]:
-    """Loss of each input: mean over D of the squared error plus its sparsity penalty."""
+def group_bounds(config: SAEConfig) -> list[tuple[int, int]]:
+    """[start, end) of each Matryoshka group ([(0, F)] for other architectures)."""
+    ends = np.cumsum(config.groups()).tolist()
+    return list(zip([0] + ends[:-1], ends, strict=True))
+
+
+def per_input_loss(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
+                   ctx: Context | None = None) -> Float[Array, " B"]:
+    """The loss of each input; the one definition that autodiff checks the step against.
+
+        reconstruction: mean over D of (x_hat - x)^2; with nested groups (Matryoshka) the
+          mean over the G prefixes m_g of mean_D(x_hat^(g) - x)^2, x_hat^(g) = b_dec +
+          sum_{i < m_g} f_i W_dec[i] (each prefix weighted 1/G, dictionary_learning's
+          weighting up to its constant factor 1/G)
+        + the architecture's penalty
+        + (Gated) mean over D of (g W_dec + b_dec - x)^2 with W_dec and b_dec held fixed,
+          g = the architecture's ``aux_recon``.
+
+    ``ctx`` defaults to the training form without schedules (a batch-wide selection such as
+    BatchTopK's then runs over ``x``).
+    """
     arch = get_architecture(config.architecture)
-    f = encode(params, x, config)
-    x_hat = decode(params, f, config)
-    loss = jnp.mean(jnp.square(x_hat - x), axis=-1)
+    ctx = train_context(config) if ctx is None else ctx
+    side = _side(params, config)
+    pre = pre_activations(params, x, config)
+    f, _ = arch.activation(pre, side, ctx)
+    if arch.nested:
+        recon = 0.0
+        bounds = group_bounds(config)
+        for _, end in bounds:
+            x_hat = _mm(f[:, :end], params.W_dec[:end], config.precision) + params.b_dec
+            recon = recon + jnp.mean(jnp.square(x_hat - x), axis=-1) / len(bounds)
+    else:
+        recon = jnp.mean(jnp.square(decode(params, f, config) - x), axis=-1)
+    loss = recon
     if arch.penalty is not None:
-        loss = loss + arch.penalty(f, config)
+        loss = loss + arch.penalty(pre, f, side, ctx)
+    if arch.aux_recon is not None:
+        g = arch.aux_recon(pre, side, ctx)
+        r = _mm(g, jax.lax.stop_gradient(params.W_dec), config.precision) + jax.lax.stop_gradient(params.b_dec)
+        loss = loss + jnp.mean(jnp.square(r - x), axis=-1)
     return loss
 
 
 def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
-                     feature_major: bool | None = None, stale: Int[Array, " F"] | None = None) -> Forward:
+                     feature_major: bool | None = None, stale: Int[Array, " F"] | None = None,
+                     ctx: Context | None = None) -> Forward:
     """Loss, its parts and the exact gradient w.r.t. all parameters (five matmuls).
 
     Args:
@@ -152,19 +275,25 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
       config: SAE config (architecture, precision, coefficients).
       feature_major: run with [F, B] intermediates (see the module docstring); None takes
         the architecture's ``feature_major`` on the CPU backend and batch-major [B, F]
-        elsewhere. Both layouts give the same result.
+        elsewhere. Both layouts give the same result. Nested (Matryoshka) reconstructions
+        always run batch-major.
       stale: per feature, steps since it last fired; with ``config.aux_k > 0`` the AuxK
         loss (over features with ``stale >= config.dead_window``) joins the loss and its
         gradient. It is skipped (a ``lax.cond``) while no feature is dead.
+      ctx: the :class:`Context` (the step passes the scheduled one); None = the training
+        form without schedules.
 
     Returns:
-      A :class:`Forward` with batch-mean loss (including AuxK), MSE (mean over elements),
-      penalty, AuxK loss, the features, the reconstruction and the raw (unprojected)
-      gradients.
+      A :class:`Forward` with batch-mean loss (including AuxK and Gated's auxiliary
+      reconstruction), MSE of the full reconstruction (mean over elements), penalty,
+      auxiliary losses, the features, the full reconstruction, the raw (unprojected)
+      gradients and the activation's statistics (for buffers such as BatchTopK's threshold).
     """
     arch = get_architecture(config.architecture)
+    ctx = train_context(config) if ctx is None else ctx
     if feature_major is None:
         feature_major = arch.feature_major and cpu_layout()
+    feature_major = feature_major and not arch.nested
     p = config.precision
     b, d = x.shape
     # "_l" arrays are [F, B] when feature-major, else [B, F]; ``view`` gives their [B, F]
@@ -177,50 +306,102 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
         """a @ w^T in the intermediates' layout (contracts D, the trailing axis of both)."""
         return _mm(w, a, p, contract=(1, 1)) if feature_major else _mm(a, w, p, contract=(1, 1))
 
+    def decode_l(f_l: Array) -> Float[Array, "B D"]:
+        if feature_major:
+            # W_dec^T f_t, then back to [B, D]; the barriers keep XLA from folding either
+            # transpose into the dot (which would contract f_t's leading axis again).
+            barrier = jax.lax.optimization_barrier
+            return barrier(_mm(barrier(params.W_dec.T), f_l, p)).T + params.b_dec
+        return _mm(f_l, params.W_dec, p) + params.b_dec
+
     x_bar = x - params.b_dec
     b_enc_l = params.b_enc[:, None] if feature_major else params.b_enc
     pre_l = by_features(x_bar, params.W_enc) + b_enc_l                              # 1: x_bar W_enc^T
-    f_l, act_vjp = jax.vjp(lambda z: view(arch.activation(view(z), config)), pre_l)
-    if feature_major:
-        # W_dec^T f_t, then back to [B, D]; the barriers keep XLA from folding either
-        # transpose into the dot (which would contract f_t's leading axis again).
-        barrier = jax.lax.optimization_barrier
-        x_hat = barrier(_mm(barrier(params.W_dec.T), f_l, p)).T + params.b_dec      # 2
+    dec_norm = jnp.linalg.norm(params.W_dec, axis=-1) if config.decoder == "free" else None
+    side = _side(params, config, dec_norm)
+
+    def enc(z, s):
+        f, stats = arch.activation(view(z), s, ctx)
+        if arch.penalty is None:
+            pen = jnp.zeros((b,), jnp.float32)
+        else:
+            pen = arch.penalty(view(z), f, s, ctx)
+        return (view(f), pen), stats
+
+    (f_l, pen), enc_vjp, stats = jax.vjp(enc, pre_l, side, has_aux=True)
+    penalty = jnp.mean(pen)
+    if arch.nested:
+        # Prefix reconstructions from per-group products (together one B x F x D matmul),
+        # and their gradients: prefix g's error reaches the groups h <= g, so group h's
+        # upstream gradient is the reverse cumulative sum over g >= h.
+        bounds = group_bounds(config)
+        w = 1.0 / len(bounds)
+        partial, errs = params.b_dec, []
+        for s0, s1 in bounds:
+            partial = partial + _mm(f_l[:, s0:s1], params.W_dec[s0:s1], p)              # 2 (by group)
+            errs.append(partial - x)
+        x_hat = partial
+        err = errs[-1]
+        recon = sum(jnp.mean(jnp.square(e)) for e in errs) * w
+        acc, dcum = None, []
+        for e in reversed(errs):
+            g = e * (2.0 * w / (b * d))
+            acc = g if acc is None else acc + g
+            dcum.append(acc)
+        dcum.reverse()
+        g_wdec = jnp.concatenate([_mm(f_l[:, s0:s1], dc, p, contract=(0, 0))      # 3 (by group)
+                                  for (s0, s1), dc in zip(bounds, dcum, strict=True)], axis=0)
+        d_f_l = jnp.concatenate([_mm(dc, params.W_dec[s0:s1], p, contract=(1, 1))   # 4 (by group)
+                                 for (s0, s1), dc in zip(bounds, dcum, strict=True)], axis=1)
+        sum_dxhat = jnp.sum(dcum[0], axis=0)
     else:
-        x_hat = _mm(f_l, params.W_dec, p) + params.b_dec                            # 2
-    err = x_hat - x
-    mse = jnp.mean(jnp.square(err))
-    d_xhat = err * (2.0 / (b * d))
-    g_wdec = _mm(f_l, d_xhat, p, contract=(bax, 0))                                 # 3: f^T d_xhat
-    d_f_l = by_features(d_xhat, params.W_dec)                                       # 4: d_xhat W_dec^T
-    if arch.penalty is not None:
-        pen, pen_vjp = jax.vjp(lambda z: arch.penalty(view(z), config), f_l)
-        penalty = jnp.mean(pen)
-        d_f_l = d_f_l + pen_vjp(jnp.full((b,), 1.0 / b, jnp.float32))[0]
-    else:
-        penalty = jnp.zeros((), jnp.float32)
-    (d_pre_l,) = act_vjp(d_f_l)
+        x_hat = decode_l(f_l)                                                       # 2
+        err = x_hat - x
+        recon = jnp.mean(jnp.square(err))
+        d_xhat = err * (2.0 / (b * d))
+        g_wdec = _mm(f_l, d_xhat, p, contract=(bax, 0))                             # 3: f^T d_xhat
+        d_f_l = by_features(d_xhat, params.W_dec)                                   # 4: d_xhat W_dec^T
+        sum_dxhat = jnp.sum(d_xhat, axis=0)
+    mse = recon if not arch.nested else jnp.mean(jnp.square(err))
+    d_pre_l, d_side = enc_vjp((d_f_l, jnp.full((b,), 1.0 / b, jnp.float32)))
+    aux_loss = jnp.zeros((), jnp.float32)
+    if arch.aux_recon is not None:
+        # Gated: the gate's ReLU reconstructs x through a frozen decoder (no W_dec, b_dec
+        # gradient from this term; b_dec still gets one through x_bar).
+        g_l, g_vjp = jax.vjp(lambda z, s: view(arch.aux_recon(view(z), s, ctx)), pre_l, side)
+        r_err = decode_l(g_l) - x
+        aux_loss = aux_loss + jnp.mean(jnp.square(r_err))
+        dg_pre, dg_side = g_vjp(by_features(r_err * (2.0 / (b * d)), params.W_dec))
+        d_pre_l = d_pre_l + dg_pre
+        d_side = jax.tree.map(jnp.add, d_side, dg_side)
     if feature_major:
         # Row sums as a matrix-vector product: a plain reduce over the trailing axis made
         # XLA:CPU transpose the whole [F, B] array first.
-        g_benc = _mm(d_pre_l, jnp.ones((b, 1), jnp.float32), "f32")[:, 0]
+        rows = _mm(d_pre_l, jnp.ones((b, 1), jnp.float32), "f32")[:, 0]
     else:
-        g_benc = jnp.sum(d_pre_l, axis=0)
+        rows = jnp.sum(d_pre_l, axis=0)
     g_wenc = _mm(d_pre_l, x_bar, p, contract=(bax, 0))                              # 5: d_pre^T x_bar
-    aux_loss = jnp.zeros((), jnp.float32)
     if config.aux_k > 0 and stale is not None:
         args = (params, x_bar, -err, stale)  # the residual x - x_hat
-        aux = jax.lax.cond(jnp.any(stale >= config.dead_window), functools.partial(auxk.auxk, config=config),
+        aux = jax.lax.cond(jnp.any(dead_mask(stale, config)), functools.partial(auxk.auxk, config=config),
                            functools.partial(auxk.no_auxk, config=config), *args)
-        aux_loss = aux.loss
+        aux_loss = aux_loss + aux.loss
         g_wdec = g_wdec.at[aux.idx].add(aux.W_dec)
         g_wenc = g_wenc.at[aux.idx].add(aux.W_enc)
-        g_benc = g_benc.at[aux.idx].add(aux.b_enc)
+        rows = rows.at[aux.idx].add(aux.b_enc)
+    # b_enc: through pre (row sums) and directly (Gated's magnitude path subtracts it).
+    g_benc = rows + d_side["b_enc"]
+    if dec_norm is not None:
+        # lambda sum_i f_i ||d_i||: d||d_i|| / d d_i = d_i / ||d_i||.
+        g_wdec = g_wdec + (d_side["dec_norm"] / jnp.maximum(dec_norm, _NORM_EPS))[:, None] * params.W_dec
     # b_dec enters twice: + in x_hat, - in x_bar (whose gradient is d_pre @ W_enc).
-    g_bdec = jnp.sum(d_xhat, axis=0) - jnp.dot(g_benc, params.W_enc, precision=jax.lax.Precision.HIGHEST)
-    grads = SAEParams(W_enc=g_wenc, b_enc=g_benc, W_dec=g_wdec, b_dec=g_bdec)
-    return Forward(loss=mse + penalty + aux_loss, mse=mse, penalty=penalty, aux_loss=aux_loss, f=view(f_l),
-                   x_hat=x_hat, grads=grads)
+    g_bdec = sum_dxhat - jnp.dot(rows, params.W_enc, precision=jax.lax.Precision.HIGHEST)
+    specs = param_specs(config)
+    g_extra = {name: d_side[name] if specs[name].trained else jnp.zeros_like(params.extra[name])
+               for name in params.extra}
+    grads = SAEParams(W_enc=g_wenc, b_enc=g_benc, W_dec=g_wdec, b_dec=g_bdec, extra=g_extra)
+    return Forward(loss=recon + penalty + aux_loss, mse=mse, penalty=penalty, aux_loss=aux_loss,
+                   f=view(f_l), x_hat=x_hat, grads=grads, stats=stats)
 
 
 def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "F D"]:
@@ -228,7 +409,7 @@ def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F 
     return grad_wdec - jnp.sum(grad_wdec * w_dec, axis=-1, keepdims=True) * w_dec
 
 
-_CHECKED: set[tuple[str, bool]] = set()
+_CHECKED: set[tuple] = set()
 
 
 def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
@@ -243,24 +424,36 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
       RuntimeError: the loss or a gradient differs; the message names the architecture.
     """
     arch = get_architecture(config.architecture)
-    feature_major = arch.feature_major and cpu_layout()
-    if (arch.name, feature_major) in _CHECKED:
+    feature_major = arch.feature_major and cpu_layout() and not arch.nested
+    key = (arch.name, feature_major, config.decoder, config.jumprelu_threshold_param, config.target_l0 > 0)
+    if key in _CHECKED:
         return
     import dataclasses
 
     d, f = 8, max(16, 2 * config.k)
     # A penalty coefficient of 0 would leave the penalty's gradient unchecked for the
-    # process (the check is cached per architecture): check with a live one.
+    # process (the check is cached per architecture): check with a live one. A wide
+    # straight-through window makes the threshold gradients non-zero on this small problem.
     cfg = dataclasses.replace(config, d_in=d, n_features=f, precision="f32", aux_k=0,
-                              l1_coefficient=config.l1_coefficient or 3e-2)
+                              l1_coefficient=config.l1_coefficient or 3e-2,
+                              l0_coefficient=config.l0_coefficient or 3e-2,
+                              target_l0=min(config.target_l0, 4.0), matryoshka_groups=(),
+                              k_anneal_start=0, k_anneal_fraction=0.0, jumprelu_bandwidth=0.1,
+                              init_decoder_norm=1.0 if config.decoder == "unit" else 0.5)
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(32, d).astype(np.float32) + 0.5)
     params = init_params(jax.random.PRNGKey(1), cfg, jnp.full((d,), 0.1, jnp.float32))
     params = params.replace(b_enc=jnp.asarray(rng.randn(f).astype(np.float32) * 0.1))
+    specs = param_specs(cfg)
+    params = params.replace(extra={
+        name: v + jnp.asarray(np.abs(rng.randn(*v.shape)).astype(np.float32) * 0.2) if specs[name].trained else v
+        for name, v in sorted(params.extra.items())})
     out = forward_backward(params, x, cfg, feature_major=feature_major)
     loss, grads = jax.value_and_grad(lambda p: jnp.mean(per_input_loss(p, x, cfg)))(params)
     pairs = [("loss", out.loss, loss)] + [(k, getattr(out.grads, k), getattr(grads, k))
                                           for k in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    pairs += [(f"extra[{k!r}]", out.grads.extra[k], grads.extra[k]) for k in params.extra
+              if specs[k].trained]
     bad = []
     for name, got, want in pairs:
         got, want = np.asarray(got), np.asarray(want)
@@ -272,4 +465,4 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
             f"(model.forward_backward, feature_major={feature_major}) disagrees with autodiff "
             f"of model.per_input_loss in {', '.join(bad)}; its activation or penalty breaks an "
             f"assumption of the shared backward")
-    _CHECKED.add((arch.name, feature_major))
+    _CHECKED.add(key)

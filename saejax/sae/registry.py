@@ -1,12 +1,16 @@
 """The one seam for SAE variants: architectures and dead-feature strategies, by name.
 
-An *architecture* is an activation function ``pre -> f`` plus a per-input sparsity penalty
-``f -> [B]``; the shared model code (:mod:`saejax.sae.model`) owns the tied pre-encoder
-bias, the five matmuls, the unit-norm decoder and the gradients, and differentiates the
-activation and penalty with ``jax.vjp``. A new activation (JumpReLU, Gated, ...) is one
-module that calls :func:`register_architecture`; every registered architecture's
-hand-written backward is checked against autodiff of :func:`saejax.sae.model.per_input_loss`
-(:func:`saejax.sae.model.check_backward`) before its first train step is built.
+An *architecture* is an activation ``pre -> f`` plus a per-input sparsity penalty, both
+functions of the pre-activations and of the architecture's own per-feature parameters
+(JumpReLU's threshold, Gated's r_mag and b_mag, BatchTopK's running threshold); the shared
+model code (:mod:`saejax.sae.model`) owns the tied pre-encoder bias, the matmuls, the
+decoder constraint, nested (Matryoshka) reconstructions, the frozen-decoder auxiliary
+reconstruction (Gated) and the gradients, and differentiates the activation and penalty
+with ``jax.vjp`` (straight-through estimators are ``custom_vjp``s inside them). A new
+architecture is one module that calls :func:`register_architecture`; every registered
+architecture's hand-written backward is checked against autodiff of
+:func:`saejax.sae.model.per_input_loss` (:func:`saejax.sae.model.check_backward`) before
+its first train step is built.
 
 A *dead-feature strategy* is a factory ``(config, mesh) -> fn(state, sample_inputs) ->
 (state, info)`` that the training loop calls at the scheduled steps. The paper's neuron
@@ -27,13 +31,32 @@ from collections.abc import Callable
 from typing import Any
 
 # Built-in entries register themselves when their module is imported.
-_BUILTIN_ARCHITECTURES = {"relu": "saejax.sae.relu", "topk": "saejax.sae.topk"}
+_BUILTIN_ARCHITECTURES = {"relu": "saejax.sae.relu", "topk": "saejax.sae.topk",
+                          "batchtopk": "saejax.sae.batchtopk", "jumprelu": "saejax.sae.jumprelu",
+                          "matryoshka": "saejax.sae.matryoshka", "gated": "saejax.sae.gated"}
 _BUILTIN_DEAD_STRATEGIES = {"resample": "saejax.sae.resample"}
 
-# pre [B, F] f32, config -> f [B, F] f32
-ActivationFn = Callable[[Any, Any], Any]
-# f [B, F] f32, config -> per-input penalty [B] f32 (already multiplied by its coefficient)
-PenaltyFn = Callable[[Any, Any], Any]
+# pre [B, F] f32, side (dict of [F] / scalar arrays), ctx -> (f [B, F] f32, stats dict)
+ActivationFn = Callable[[Any, Any, Any], Any]
+# pre [B, F], f [B, F], side, ctx -> per-input penalty [B] f32 (coefficient and warm-up applied)
+PenaltyFn = Callable[[Any, Any, Any, Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """An architecture's own parameter, stored in ``SAEParams.extra[name]``.
+
+    Attributes:
+      per_feature: shape [F], sharded over the latent axis like b_enc; else a scalar.
+      init: ``config -> float``, the initial value (of every feature); resampling puts a
+        dead feature's entry back to it and zeroes its Adam moments.
+      trained: False for a buffer the step sets itself (``Architecture.update_buffers``):
+        it gets no gradient, so Adam leaves it alone, and the step overwrites it.
+    """
+
+    per_feature: bool
+    init: Callable[[Any], float]
+    trained: bool = True
 # (config, mesh) -> jitted fn(state, sample_inputs) -> (state, info)
 DeadStrategyFactory = Callable[[Any, Any], Callable[[Any, Any], tuple[Any, dict[str, Any]]]]
 
@@ -44,9 +67,28 @@ class Architecture:
 
     Attributes:
       name: registry key (``SAEConfig.architecture``).
-      activation: ``(pre [B, F], config) -> f [B, F]``; must be differentiable by jax.vjp
-        (use straight-through estimators via custom_vjp where needed).
-      penalty: ``(f [B, F], config) -> [B]`` sparsity loss per input, or None for none.
+      activation: ``(pre [B, F], side, ctx) -> (f [B, F], stats)``; differentiable by
+        jax.vjp in ``pre`` and ``side`` (straight-through estimators via custom_vjp).
+        ``side`` holds the extra parameters (:class:`ParamSpec`) plus ``"b_enc"`` [F]
+        (Gated's magnitude path subtracts it), ``ctx`` is
+        :class:`saejax.sae.model.Context` (config, train or inference form, the sparsity
+        warm-up factor, the current k). ``stats`` are non-differentiated values for
+        ``update_buffers``.
+      penalty: ``(pre, f, side, ctx) -> [B]`` sparsity loss per input (coefficient and
+        warm-up applied), or None for none. ``side["dec_norm"]`` [F] is the decoder row
+        norms when the decoder is unconstrained (``SAEConfig.decoder = "free"``).
+      params: ``config -> {name: ParamSpec}``, the architecture's own parameters.
+      update_buffers: ``(extra, stats, ctx) -> {name: new value}`` for the untrained
+        parameters, run by the step after the update (BatchTopK's running threshold).
+      aux_recon: ``(pre, side, ctx) -> g [B, F]``, features that a *frozen* copy of the
+        decoder reconstructs x from, as an extra loss term (Gated's auxiliary loss), or None.
+      nested: the loss averages the reconstructions of nested prefixes of the dictionary
+        (``SAEConfig.matryoshka_groups``; Matryoshka).
+      default_init: "kaiming" (untied Kaiming-uniform encoder and decoder) or "tied"
+        (W_enc = W_dec, unit rows) when ``SAEConfig.init`` is "default".
+      uses_k: ``SAEConfig.k`` sets its sparsity (k <= n_features is checked; k annealing
+        applies).
+      uses_l1: ``SAEConfig.l1_coefficient`` is its penalty's coefficient.
       feature_major: True if the activation acts on each pre-activation alone (no
         reduction across features, unlike top-k); on XLA:CPU the step then keeps its
         [B, F] intermediates feature-major (see :mod:`saejax.sae.model`). Only speed
@@ -64,6 +106,13 @@ class Architecture:
     feature_major: bool = False
     supports_auxk: bool = False
     check: Callable[[Any], None] | None = None
+    params: Callable[[Any], dict[str, ParamSpec]] = lambda config: {}
+    update_buffers: Callable[[Any, Any, Any], dict[str, Any]] | None = None
+    aux_recon: Callable[[Any, Any, Any], Any] | None = None
+    nested: bool = False
+    default_init: str = "kaiming"
+    uses_k: bool = False
+    uses_l1: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,13 @@ steps in ``config.resample_steps`` (see ``step.should_resample``).
 5. encoder row = unit input x ``resample_encoder_scale`` (0.2) x mean L2 norm of the
    alive features' encoder vectors (1.0 if none is alive); encoder bias = 0;
 6. Adam first and second moments zeroed for exactly those entries (W_enc[i, :], b_enc[i],
-   W_dec[i, :]); every other entry of params and optimiser state is left bit for bit.
+   W_dec[i, :], and the architecture's per-feature parameters, which go back to their
+   initial values: JumpReLU's threshold, Gated's r_mag and b_mag); every other entry of
+   params and optimiser state is left bit for bit.
+
+Every architecture resamples the same way. The loss of step 2 is the per-input loss of
+the inference form (for BatchTopK and Matryoshka: with the running threshold). Dead is
+:func:`saejax.sae.model.dead_mask`, the step's and AuxK's definition too.
 
 Resampled features get ``last_fired = step`` (a fresh window). Rows are drawn for every
 feature and then selected by the dead mask, keeping shapes static: the drawn inputs are
@@ -60,7 +66,10 @@ def chunked_loss(params: model.SAEParams, sample: Float[Array, "S D"], config: S
     chunks = jnp.swapaxes(sample.reshape(c, n, d), 0, 1)               # [n, C, D]
     if mesh is not None:
         chunks = jax.lax.with_sharding_constraint(chunks, named_sharding(mesh, (None, "batch", "d_in")))
-    losses = jax.lax.map(lambda xc: model.per_input_loss(params, xc, config), chunks)  # [n, C]
+    # The inference form: a per-input loss (BatchTopK's batch-wide selection would make
+    # each input's loss depend on the rest of its chunk).
+    ctx = model.inference_context(config)
+    losses = jax.lax.map(lambda xc: model.per_input_loss(params, xc, config, ctx), chunks)  # [n, C]
     return jnp.swapaxes(losses, 0, 1).reshape(s)
 
 
@@ -117,8 +126,9 @@ def resample_fn(config: SAEConfig, mesh: Mesh | None = None):
 
     def resample(state: TrainState, sample: Float[Array, "S D"]) -> tuple[TrainState, dict[str, Array]]:
         p = state.params
+        fresh = model.init_extra(config)
         sample = sample.astype(jnp.float32)
-        dead = (state.step - state.last_fired) >= config.dead_window                   # step 1
+        dead = model.dead_mask(state.step - state.last_fired, config)                  # step 1
         losses = chunked_loss(p, sample, config, mesh)                                 # step 2
         key = jax.random.fold_in(jax.random.fold_in(state.key, RESAMPLE_STREAM), state.step)
         idx = draw_inputs(key, jnp.square(losses), config.n_features)                  # step 3
@@ -132,9 +142,13 @@ def resample_fn(config: SAEConfig, mesh: Mesh | None = None):
             W_dec=jnp.where(dead[:, None], unit, p.W_dec),                             # step 4
             W_enc=jnp.where(dead[:, None], unit * (config.resample_encoder_scale * mean_alive), p.W_enc),
             b_enc=jnp.where(dead, 0.0, p.b_enc),                                       # step 5
-            b_dec=p.b_dec)
+            b_dec=p.b_dec,
+            # The architecture's per-feature parameters (JumpReLU's threshold, Gated's
+            # r_mag, b_mag) go back to their initial values; scalars are kept.
+            extra={name: jnp.where(dead, fresh[name], v) if v.ndim else v for name, v in p.extra.items()})
         keep = model.SAEParams(W_enc=~dead[:, None], b_enc=~dead, W_dec=~dead[:, None],
-                               b_dec=jnp.ones((), bool))
+                               b_dec=jnp.ones((), bool),
+                               extra={name: ~dead if v.ndim else jnp.ones((), bool) for name, v in p.extra.items()})
         opt_state = optax.tree_utils.tree_map_params(                                  # step 6
             opt, lambda moment, k: jnp.where(k, moment, jnp.zeros_like(moment)), state.opt_state, keep)
         new_state = state.replace(params=new_params, opt_state=opt_state,

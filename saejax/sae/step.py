@@ -25,10 +25,10 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from saejax.config import ConfigError
 from saejax.parallel import check_divisible, named_sharding, optimizer_shardings, replicated
-from saejax.sae import model, registry
+from saejax.sae import model, registry, schedule
 from saejax.sae.config import SAEConfig
 from saejax.sae.geometric_median import geometric_median
-from saejax.sae.model import PARAM_AXES, SAEParams
+from saejax.sae.model import SAEParams
 
 BATCH_AXES = ("batch", "d_in")
 # Metrics whose value is per feature; every other metric is a replicated scalar.
@@ -68,26 +68,28 @@ def check_mesh(config: SAEConfig, mesh: Mesh) -> None:
         check_divisible("sae.n_features", config.n_features, mesh, axis)
 
 
-def param_shardings(mesh: Mesh) -> SAEParams:
-    return jax.tree.map(lambda axes: named_sharding(mesh, axes), PARAM_AXES,
-                        is_leaf=lambda x: isinstance(x, tuple))
+def param_shardings(mesh: Mesh, config: SAEConfig | None = None) -> SAEParams:
+    """The NamedSharding of every parameter (``config``'s architecture extras included)."""
+    axes = model.PARAM_AXES if config is None else model.param_axes(config)
+    return jax.tree.map(lambda a: named_sharding(mesh, a), axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _abstract_params(config: SAEConfig) -> SAEParams:
     d, f = config.d_in, config.n_features
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    return SAEParams(W_enc=s(f, d), b_enc=s(f), W_dec=s(f, d), b_dec=s(d))
+    extra = {name: s(f) if spec.per_feature else s() for name, spec in model.param_specs(config).items()}
+    return SAEParams(W_enc=s(f, d), b_enc=s(f), W_dec=s(f, d), b_dec=s(d), extra=extra)
 
 
 def opt_state_shardings(config: SAEConfig, mesh: Mesh, opt: optax.GradientTransformation | None = None) -> Any:
     """Adam-state shardings derived from the parameter shardings (moments = their param's)."""
     return optimizer_shardings(opt or make_optimizer(config), _abstract_params(config),
-                               param_shardings(mesh), mesh)
+                               param_shardings(mesh, config), mesh)
 
 
 def state_shardings(config: SAEConfig, mesh: Mesh) -> TrainState:
     """The NamedSharding of every leaf of the train state."""
-    return TrainState(params=param_shardings(mesh), opt_state=opt_state_shardings(config, mesh),
+    return TrainState(params=param_shardings(mesh, config), opt_state=opt_state_shardings(config, mesh),
                       last_fired=named_sharding(mesh, ("latent",)), key=replicated(mesh),
                       step=replicated(mesh))
 
@@ -159,18 +161,44 @@ def _all_finite(tree: Any) -> Bool[Array, ""]:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
+def clip_by_global_norm(grads: SAEParams, max_norm: float) -> SAEParams:
+    """Scales the whole gradient down to L2 norm ``max_norm`` when it is larger."""
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda g: g * scale, grads)
+
+
+def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: bool = False
                   ) -> Callable[[TrainState, Float[Array, "B D"]], tuple[TrainState, dict[str, Array]]]:
-    """The un-jitted step (for composition and tests); :func:`make_train_step` jits it."""
+    """The un-jitted step (for composition and tests); :func:`make_train_step` jits it.
+
+    ``anneal``: the program for the steps while k is annealed (:mod:`saejax.sae.schedule`).
+    """
+    arch = registry.get_architecture(config.architecture)
+    lr_scheduled = config.lr_warmup_steps > 0 or config.lr_decay_fraction > 0
 
     def step(state: TrainState, batch: Float[Array, "B D"]) -> tuple[TrainState, dict[str, Array]]:
         x = batch.astype(jnp.float32).reshape(-1, config.d_in)
         params = state.params
-        out = model.forward_backward(params, x, config, stale=state.step - state.last_fired)
-        grads = out.grads.replace(W_dec=model.project_decoder_grad(out.grads.W_dec, params.W_dec))
+        ctx = model.train_context(config, state.step, anneal)
+        out = model.forward_backward(params, x, config, stale=state.step - state.last_fired, ctx=ctx)
+        grads = out.grads
+        if config.grad_clip > 0:
+            grads = clip_by_global_norm(grads, config.grad_clip)
+        if config.decoder == "unit":
+            grads = grads.replace(W_dec=model.project_decoder_grad(grads.W_dec, params.W_dec))
         updates, opt_state = opt.update(grads, state.opt_state, params)
+        lr_factor = schedule.lr_factor(config, state.step)
+        if lr_scheduled:
+            # Adam's update times the schedule = Adam with the scheduled learning rate, and
+            # the optimizer state keeps its structure with or without a schedule.
+            updates = jax.tree.map(lambda u: u * lr_factor, updates)
         new_params = optax.apply_updates(params, updates)
-        new_params = new_params.replace(W_dec=model.unit_rows(new_params.W_dec))
+        if config.decoder == "unit":
+            new_params = new_params.replace(W_dec=model.unit_rows(new_params.W_dec))
+        if arch.update_buffers is not None:
+            new_params = new_params.replace(extra={**new_params.extra,
+                                                   **arch.update_buffers(params.extra, out.stats, ctx)})
 
         # Inputs on which each feature fired (f != 0; features are non-negative, so f > 0).
         # sum(|sign(f)|) in f32 (exact below 2^24 rows) is one fused read of f on XLA:CPU;
@@ -191,7 +219,7 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
         err_sq = jnp.sum(jnp.square(out.x_hat - x))
         total_var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
         b = x.shape[0]
-        dead = (step_next - new_state.last_fired) >= config.dead_window
+        dead = model.dead_mask(step_next - new_state.last_fired, config)
         l1_rows = jnp.sum(jnp.abs(out.f), axis=-1)
         if model.cpu_layout():
             # Same per-input sums as the ReLU penalty's; on XLA:CPU the barrier stops XLA
@@ -210,6 +238,14 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation
             "nonfinite": jnp.logical_not(finite),
             "feature_counts": counts,
         }
+        if lr_scheduled:
+            metrics["lr"] = config.lr * lr_factor
+        if config.sparsity_warmup_fraction > 0:
+            metrics["sparsity_factor"] = jnp.asarray(ctx.sparsity, jnp.float32)
+        if config.k_anneal_start:
+            metrics["k"] = jnp.asarray(ctx.k, jnp.float32)
+        if "threshold" in new_state.params.extra and new_state.params.extra["threshold"].ndim == 0:
+            metrics["threshold"] = new_state.params.extra["threshold"]
         return new_state, metrics
 
     return step
@@ -230,17 +266,26 @@ def make_train_step(config: SAEConfig, mesh: Mesh
         its loss (:func:`saejax.sae.model.check_backward`, once per architecture).
     """
     check_mesh(config, mesh)
+    config.check_schedule()
     model.check_backward(config)
-    step = train_step_fn(config, make_optimizer(config))
+    opt = make_optimizer(config)
     s_sh = state_shardings(config, mesh)
     b_sh = named_sharding(mesh, BATCH_AXES)
-    names = jax.eval_shape(step, abstract_state(config, mesh),
-                           jax.ShapeDtypeStruct((8, config.d_in), jnp.float32))[1].keys()
-    jitted = jax.jit(step, in_shardings=(s_sh, b_sh), out_shardings=(s_sh, metric_shardings(mesh, names)),
-                     donate_argnums=0)
+
+    def build(anneal: bool):
+        fn = train_step_fn(config, opt, anneal)
+        names = jax.eval_shape(fn, abstract_state(config, mesh),
+                               jax.ShapeDtypeStruct((8, config.d_in), jnp.float32))[1].keys()
+        return jax.jit(fn, in_shardings=(s_sh, b_sh), out_shardings=(s_sh, metric_shardings(mesh, names)),
+                       donate_argnums=0)
+
+    jitted = build(False)
+    k_final = schedule.k_final_step(config)
+    annealing = build(True) if k_final > 0 else None
     batch_axis = b_sh.spec[0]
 
-    def train_step(state: TrainState, batch: Float[Array, "B D"]) -> tuple[TrainState, dict[str, Array]]:
+    def train_step(state: TrainState, batch: Float[Array, "B D"], step: int | None = None
+                   ) -> tuple[TrainState, dict[str, Array]]:
         shape = np.shape(batch)
         if len(shape) != 2 or shape[1] != config.d_in:
             check_input_width(config, batch, "batch")
@@ -248,6 +293,11 @@ def make_train_step(config: SAEConfig, mesh: Mesh
         if batch_axis is not None:
             check_divisible("batch size", shape[0], mesh, batch_axis)
         check_live(state)
+        if annealing is not None:
+            # While k is annealed the top-k runs with k_anneal_start; ``step`` (completed
+            # steps, which the loop knows) saves reading it from the device.
+            if (int(state.step) if step is None else step) < k_final:
+                return annealing(state, batch)
         return jitted(state, batch)
 
     train_step.jitted = jitted
