@@ -29,6 +29,8 @@ def _parse():
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--features", type=str, default="4096,16384,65536")
     p.add_argument("--precisions", type=str, default="f32,bf16")
+    p.add_argument("--architectures", type=str, default="relu",
+                   help="SAE architectures, comma separated (k = 32 where k applies)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--reps", type=int, default=10, help="timed steps (at most; see --max-seconds)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="stop timing a config after this")
@@ -85,36 +87,36 @@ def _child(args) -> list[dict]:
     for f in [int(v) for v in args.features.split(",")]:
         wb = jax.random.normal(k, (d, f), jnp.float32)
         jax.block_until_ready(dot(xa, wb))
-        for prec in args.precisions.split(","):
-            for data, model in meshes:
-                mesh = make_mesh(MeshConfig(data=data, model=model))
-                cfg = SAEConfig(d_in=d, n_features=f, precision=prec)
-                x = jax.device_put(jax.random.normal(k, (b, d), jnp.float32) + 1.0,
-                                   named_sharding(mesh, ("batch", "d_in")))
-                state = init_state(cfg, mesh, x[:1024])
-                step = make_train_step(cfg, mesh)
-                state, m = step(state, x)  # compile + warm-up
+        for prec, arch, (data, model) in [(p_, a_, m_) for p_ in args.precisions.split(",")
+                                          for a_ in args.architectures.split(",") for m_ in meshes]:
+            mesh = make_mesh(MeshConfig(data=data, model=model))
+            cfg = SAEConfig(d_in=d, n_features=f, precision=prec, architecture=arch, k=32)
+            x = jax.device_put(jax.random.normal(k, (b, d), jnp.float32) + 1.0,
+                               named_sharding(mesh, ("batch", "d_in")))
+            state = init_state(cfg, mesh, x[:1024])
+            step = make_train_step(cfg, mesh)
+            state, m = step(state, x)  # compile + warm-up
+            jax.block_until_ready(state)
+            # Interleave step and step-shaped matmul timings: on a shared machine the
+            # paired ratio is robust to load that comes and goes.
+            times, mm_times, start = [], [], time.perf_counter()
+            while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds or len(times) < 3):
+                t = time.perf_counter()
+                state, m = step(state, x)
                 jax.block_until_ready(state)
-                # Interleave step and step-shaped matmul timings: on a shared machine the
-                # paired ratio is robust to load that comes and goes.
-                times, mm_times, start = [], [], time.perf_counter()
-                while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds or len(times) < 3):
-                    t = time.perf_counter()
-                    state, m = step(state, x)
-                    jax.block_until_ready(state)
-                    times.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    jax.block_until_ready(dot(xa, wb))
-                    mm_times.append(time.perf_counter() - t)
-                del state, m
-                t = min(times)
-                key = f"[{b},{d}]@[{d},{f}]"
-                peaks[key] = max(peaks.get(key, 0.0), 2 * b * d * f / min(mm_times))
-                paired = float(np.median(5 * np.asarray(mm_times) / np.asarray(times)))
-                rows.append(dict(devices=n, mesh=f"{data}x{model}", d=d, f=f, precision=prec, batch=b,
-                                 reps=len(times), best_s=t, median_s=float(np.median(times)),
-                                 tokens_per_s=b / t, flops=5 * 2 * b * d * f / t, paired=paired))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                times.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                jax.block_until_ready(dot(xa, wb))
+                mm_times.append(time.perf_counter() - t)
+            del state, m
+            t = min(times)
+            key = f"[{b},{d}]@[{d},{f}]"
+            peaks[key] = max(peaks.get(key, 0.0), 2 * b * d * f / min(mm_times))
+            paired = float(np.median(5 * np.asarray(mm_times) / np.asarray(times)))
+            rows.append(dict(devices=n, mesh=f"{data}x{model}", d=d, f=f, precision=prec, batch=b, architecture=arch,
+                             reps=len(times), best_s=t, median_s=float(np.median(times)),
+                             tokens_per_s=b / t, flops=5 * 2 * b * d * f / t, paired=paired))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del wb
     t_sq2, _, _ = best_time(dot, sq, sq, reps=8)
     peaks["square 2048^3"] = max(peaks["square 2048^3"], 2 * 2048 ** 3 / t_sq2)
@@ -181,7 +183,8 @@ def main():
     for n in [int(v) for v in args.devices.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(n), "--meshes8", args.meshes8, "--d-in", str(args.d_in),
                "--features", args.features, "--precisions", args.precisions, "--batch", str(args.batch),
-               "--reps", str(args.reps), "--max-seconds", str(args.max_seconds)]
+               "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
+               "--architectures", args.architectures]
         env = dict(os.environ)
         if args.malloc_hugetlb:
             env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
@@ -199,11 +202,11 @@ def main():
           "% of peak = best step FLOP/s / best measured f32 matmul FLOP/s; paired = median over reps of "
           "(5 x step-shaped matmul time) / (step time), timed back to back")
     print()
-    print("| devices | mesh (data x model) | D | F | precision | batch | reps | step ms (best / median) "
+    print("| architecture | devices | mesh (data x model) | D | F | precision | batch | reps | step ms (best / median) "
           "| tokens/s | GFLOP/s | % of f32 matmul peak | paired |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['devices']} | {r['mesh']} | {r['d']} | {r['f']} | {r['precision']} | {r['batch']} "
+        print(f"| {r['architecture']} | {r['devices']} | {r['mesh']} | {r['d']} | {r['f']} | {r['precision']} | {r['batch']} "
               f"| {r['reps']} | {1e3 * r['best_s']:.0f} / {1e3 * r['median_s']:.0f} | {r['tokens_per_s']:,.0f} "
               f"| {r['flops'] / 1e9:.1f} | {100 * r['flops'] / r['peak']:.0f}% | {100 * r['paired']:.0f}% |")
     if args.ground_truth:

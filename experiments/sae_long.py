@@ -14,7 +14,9 @@ recovered at L0 20, 13.5% dead** at step 3,000. Without AuxK (``--config.sae.aux
 56 min, 96.4% at L0 20, 30.1% dead. AuxK halves the dead fraction, but the <= 5% target
 is still missed: dead features come back after each resample and drift to 7-15% within
 500 steps.
-Argument "relu" trains the paper's ReLU + L1 (lambda 1e-2) on the same schedule instead.
+Argument "relu" trains the paper's ReLU + L1 (lambda 1e-2) on the same schedule instead;
+"batchtopk" trains BatchTopK (k = 20 on average, AuxK 256) with the learning rate decayed
+linearly to 0 over the last 20% of steps.
 benchmarks/RESULTS.md records what a run reached and how long it took.
 """
 
@@ -28,7 +30,10 @@ def get_config(arch: str = "topk") -> ml_collections.ConfigDict:
     c.sae.update(architecture=arch, k=20, l1_coefficient=1e-2, lr=3e-4,
                  resample_steps=(500, 1000, 1500, 2000, 2500), dead_window=200,
                  resample_sample_size=262_144, resample_chunk_size=8192,
-                 geometric_median_iters=100, aux_k=256 if arch == "topk" else 0)
+                 geometric_median_iters=100, aux_k=256 if arch in ("topk", "batchtopk") else 0)
+    if arch == "batchtopk":
+        # Bussmann et al.'s BatchTopK with the April update's learning-rate decay (last 20%).
+        c.sae.update(lr_decay_fraction=0.2)
     c.lm.dir = "runs/lm/paper"
     c.workdir = f"runs/sae/long_{arch}"
     c.batch_size = 4096

@@ -237,6 +237,10 @@ class SAETrainConfig:
             # The schedules' length is the run's (a resumed run that raises num_steps then
             # changes sae.total_steps too, which --allow_changes must name).
             object.__setattr__(self, "sae", dataclasses.replace(self.sae, total_steps=self.num_steps))
+        if any(f > 0 for f in scheduled):
+            check("sae.total_steps", self.sae.total_steps, self.sae.total_steps >= self.num_steps,
+                  f"must be >= num_steps={self.num_steps} (or 0 = num_steps): the schedules end there "
+                  f"and a learning rate that decays to 0 before the run ends would stop it")
         if self.source.kind == "lm":
             check("lm.dir", self.lm.dir, self.lm.dir is not None,
                   "must name an LM when source.kind='lm' (the activations come from it)")

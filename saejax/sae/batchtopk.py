@@ -22,7 +22,9 @@ B = F = 4,096, k = 32 on a 2-core CPU (the whole dense step: ~330 ms). Here each
 top 2k values are candidates, the (B k)-th largest candidate is found by bisection on its
 float32 bit pattern (non-negative floats order like their bits; 32 counting passes over
 the [B, 2k] candidates), and the result is exact unless some row has all 2k candidates at
-or above it; then (a ``lax.cond``, rare) the bisection runs over the whole [B, F] batch.
+or above it; then (a ``lax.cond``) the bisection runs over the whole [B, F] batch. The step
+reports how often that happens (metric ``threshold_fallback``). Ties at the threshold are
+all kept, so "B k kept" is exact for float data without ties.
 
 Legend: B batch, F features.
 """
@@ -53,18 +55,26 @@ def nth_largest(a: Float[Array, "*N"], n) -> Float[Array, ""]:
     return jax.lax.bitcast_convert_type(lo, a.dtype)
 
 
-def batch_threshold(a: Float[Array, "B F"], k, k_max: int) -> Float[Array, ""]:
-    """The (B k)-th largest entry of ``a`` >= 0 over the whole batch (see the module docstring)."""
+def batch_threshold(a: Float[Array, "B F"], k, k_max: int, with_fallback: bool = False):
+    """The (B k)-th largest entry of ``a`` >= 0 over the whole batch (see the module docstring).
+
+    Counts are int32: B F must stay below 2^31 (the train step checks it on the host).
+    """
     b, f = a.shape
     n = b * k
     rows = min(f, 2 * k_max)
     if rows >= f:
-        return nth_largest(a, n)
+        t = nth_largest(a, n)
+        return (t, jnp.zeros((), bool)) if with_fallback else t
     cand = jax.lax.top_k(a, rows)[0]                                  # [B, 2k], per row
     t = nth_largest(cand, n)
-    # Exact unless a row's smallest candidate is >= t (it may hold more entries >= t).
-    overflow = jnp.any(jnp.min(cand, axis=-1) >= t)
-    return jax.lax.cond(overflow, lambda: nth_largest(a, n), lambda: t)
+    # Exact unless a row's smallest candidate is positive and >= t: that row may hold more
+    # entries >= t than its candidates (a row whose candidates include a 0 holds all its
+    # positive entries among them).
+    row_min = jnp.min(cand, axis=-1)
+    overflow = jnp.any((row_min >= t) & (row_min > 0))
+    t = jax.lax.cond(overflow, lambda: nth_largest(a, n), lambda: t)
+    return (t, overflow) if with_fallback else t
 
 
 def batchtopk_activation(pre: Float[Array, "B F"], side, ctx) -> tuple[Float[Array, "B F"], dict]:
@@ -72,12 +82,13 @@ def batchtopk_activation(pre: Float[Array, "B F"], side, ctx) -> tuple[Float[Arr
     a = jax.nn.relu(pre)
     if not ctx.train:
         return jnp.where(a > side["threshold"], a, 0.0), {}
-    t = jax.lax.stop_gradient(batch_threshold(jax.lax.stop_gradient(a), ctx.k, ctx.k_max))
+    t, fallback = batch_threshold(jax.lax.stop_gradient(a), ctx.k, ctx.k_max, with_fallback=True)
+    t = jax.lax.stop_gradient(t)
     f = jnp.where(a >= t, a, 0.0)
     # The smallest kept activation: t itself, unless fewer than B k entries are positive.
     smallest = jax.lax.cond(t > 0, lambda: t,
                             lambda: jnp.min(jnp.where(a > 0, jax.lax.stop_gradient(a), jnp.inf)))
-    return f, {"kept_min": smallest}
+    return f, {"kept_min": smallest, "fallback": fallback}
 
 
 def update_threshold(extra, stats, ctx) -> dict:
@@ -95,4 +106,5 @@ def threshold_params(config) -> dict[str, ParamSpec]:
 
 BATCHTOPK = register_architecture(Architecture(
     name="batchtopk", activation=batchtopk_activation, penalty=None, supports_auxk=True,
-    params=threshold_params, update_buffers=update_threshold, default_init="tied", uses_k=True))
+    params=threshold_params, update_buffers=update_threshold, default_init="tied", uses_k=True,
+    batch_wide=True))

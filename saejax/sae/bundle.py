@@ -72,9 +72,13 @@ class SAEBundle:
             check("sae.params.W_dec", shape, shape == (self.config.n_features, self.config.d_in),
                   f"must have shape (n_features, d_in) = "
                   f"({self.config.n_features}, {self.config.d_in})")
-            want = sorted(model.param_specs(self.config))
-            check("sae.params.extra", sorted(self.params.extra), sorted(self.params.extra) == want,
-                  f"must hold {want} for architecture {self.config.architecture!r}")
+            specs = model.param_specs(self.config)
+            check("sae.params.extra", sorted(self.params.extra), sorted(self.params.extra) == sorted(specs),
+                  f"must hold {sorted(specs)} for architecture {self.config.architecture!r}")
+            for name, spec in specs.items():
+                shape = tuple(np.shape(self.params.extra[name]))
+                want = (self.config.n_features,) if spec.per_feature else ()
+                check(f"sae.params.extra[{name!r}]", shape, shape == want, f"must have shape {want}")
 
     @property
     def n_features(self) -> int:
@@ -131,9 +135,12 @@ class SAEBundle:
         if arch not in ("batchtopk", "matryoshka"):
             raise ValueError(f"architecture {arch!r} has no JumpReLU form (batchtopk, matryoshka and "
                              f"jumprelu have one)")
-        theta = jnp.asarray(self.params.extra["threshold"], jnp.float32)
+        # Before the first training step theta is -1 (plain ReLU at inference); 0 gives the
+        # same features and a threshold other tools accept.
+        theta = jnp.maximum(jnp.asarray(self.params.extra["threshold"], jnp.float32), 0.0)
         config = dataclasses.replace(self.config, architecture="jumprelu", jumprelu_threshold_param="raw",
-                                     matryoshka_groups=(), k_anneal_start=0, k_anneal_fraction=0.0)
+                                     matryoshka_groups=(), k_anneal_start=0, k_anneal_fraction=0.0,
+                                     aux_k=0)
         params = self.params.replace(extra={"threshold": jnp.full((self.config.n_features,), theta)})
         return dataclasses.replace(self, params=params, config=config)
 

@@ -74,8 +74,9 @@ class SAEConfig:
         this value down to ``k`` over the first ``k_anneal_fraction`` of the steps
         (sparsify's rule, k_t = round(k0 (1 - p) + k p)).
       k_anneal_fraction: see ``k_anneal_start``.
-      grad_clip: > 0 clips the raw gradient to this global L2 norm before the decoder
-        projection and Adam (dictionary_learning and SAELens use 1.0); 0 = off.
+      grad_clip: > 0 clips the gradient (after the decoder projection, as
+        dictionary_learning does) to this global L2 norm before Adam (dictionary_learning
+        and SAELens use 1.0); 0 = off.
       lr, adam_b1, adam_b2, adam_eps: Adam (the paper gives no learning rate).
       precision: "f32", or "bf16" = bf16 matmul inputs with f32 accumulation; parameters,
         optimiser state and all elementwise maths stay f32 in both modes.
@@ -89,7 +90,7 @@ class SAEConfig:
         norm (the paper: 0.2).
       dense_threshold: a feature is "dense" if it fires on more than this fraction of a
         batch (the paper: 1%).
-      aux_k: AuxK (Gao et al. 2024, appendix A.2) for TopK: the ``aux_k`` largest
+      aux_k: AuxK (Gao et al. 2024, appendix A.2) for TopK, BatchTopK and Matryoshka: the ``aux_k`` largest
         pre-activations among dead features (as ``dead_window`` defines them) reconstruct
         the residual x - x_hat, which gives dead features a gradient again. 0 = off;
         Gao et al. use d_in / 2 (256 for the paper's 512 neurons).
@@ -185,12 +186,20 @@ class SAEConfig:
         if self.decoder == "unit":
             check("sae.init_decoder_norm", self.init_decoder_norm, self.init_decoder_norm == 1.0,
                   "must be 1.0 with sae.decoder='unit' (the rows are kept at unit norm)")
-        check_nonnegative("sae.total_steps", self.total_steps)
-        check_nonnegative("sae.lr_warmup_steps", self.lr_warmup_steps)
+        elif self.init_decoder_norm != 1.0:
+            check("sae.init_decoder_norm", self.init_decoder_norm, self.init_scheme() == "tied",
+                  "is used by sae.init='tied' only (the Kaiming init has unit rows)")
+        check("sae.total_steps", self.total_steps, isinstance(self.total_steps, int) and self.total_steps >= 0,
+              "must be an integer >= 0")
+        check("sae.lr_warmup_steps", self.lr_warmup_steps,
+              isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "must be an integer >= 0")
         for name in ("lr_decay_fraction", "sparsity_warmup_fraction", "k_anneal_fraction"):
             check_fraction(f"sae.{name}", getattr(self, name), closed=True)
         check("sae.k_anneal_start", self.k_anneal_start,
               isinstance(self.k_anneal_start, int) and self.k_anneal_start >= 0, "must be an integer >= 0")
+        if not self.k_anneal_start:
+            check("sae.k_anneal_fraction", self.k_anneal_fraction, self.k_anneal_fraction == 0,
+                  "must be 0 unless sae.k_anneal_start is set")
         if self.k_anneal_start:
             check("sae.k_anneal_start", self.k_anneal_start, arch.uses_k,
                   f"anneals k, which architecture {self.architecture!r} does not use")

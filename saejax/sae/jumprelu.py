@@ -18,8 +18,8 @@ f (dictionary_learning issue #55). Decisions where the sources differ (FAMILIES.
   size, which matters for runs as short as the demo's) or "log" (the JumpReLU paper,
   App. J: tau = log theta, and autodiff supplies dtau = theta dtheta, the factor that
   Bussmann's code misses, BatchTopK issue #2).
-- ReLU(z) H(z - theta) instead of z H(z - theta): equal for theta > 0; a raw theta that
-  Adam pushes below 0 still gives non-negative features (SAELens' inference form).
+- ReLU(z) H(z - theta) instead of z H(z - theta): equal for theta >= 0 (SAELens' inference
+  form); a raw theta is projected onto theta >= 0 after each update.
 - Units: Gemma Scope's theta_0 = epsilon = 0.001 assume E||x||^2 = 1; saejax's inputs have
   E||x|| = sqrt(D), so both are multiplied by sqrt(d_in) (0.0226 for 512 neurons;
   SAELens issue #494 shows the unscaled values barely move L0). lambda needs no scaling
@@ -127,6 +127,14 @@ def jumprelu_params(config) -> dict[str, ParamSpec]:
     return {"threshold": ParamSpec(per_feature=True, init=lambda c: theta0)}
 
 
+def nonnegative_threshold(extra, ctx) -> dict:
+    """A raw theta is projected onto theta >= 0 after each update: below 0 the L0 term would
+    count z in (theta, 0] that does not fire, and the STE's sign would flip."""
+    if ctx.config.jumprelu_threshold_param == "log":
+        return {}
+    return {"threshold": jnp.maximum(extra["threshold"], 0.0)}
+
+
 JUMPRELU = register_architecture(Architecture(
     name="jumprelu", activation=jumprelu_activation, penalty=l0_penalty, feature_major=True,
-    params=jumprelu_params, default_init="tied"))
+    params=jumprelu_params, constrain=nonnegative_threshold, default_init="tied"))

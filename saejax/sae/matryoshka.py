@@ -29,4 +29,4 @@ from saejax.sae.registry import Architecture, register_architecture
 MATRYOSHKA = register_architecture(Architecture(
     name="matryoshka", activation=batchtopk_activation, penalty=None, supports_auxk=True,
     params=threshold_params, update_buffers=update_threshold, nested=True, default_init="tied",
-    uses_k=True))
+    uses_k=True, batch_wide=True))

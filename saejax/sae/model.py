@@ -2,9 +2,14 @@
 
     x_bar = x - b_dec                      pre-encoder bias tied to the decoder bias
     pre   = x_bar @ W_enc^T + b_enc        [B, F]
-    f     = activation(pre)                architecture-specific (ReLU, TopK, ...)
+    f     = activation(pre, side, ctx)     architecture-specific (ReLU, TopK, JumpReLU, ...)
     x_hat = f @ W_dec + b_dec              [B, D]
-    loss  = mean_elements((x_hat - x)^2) + mean_batch(penalty(f))   [+ AuxK, see auxk.py]
+    loss  = mean_elements((x_hat - x)^2) + mean_batch(penalty(pre, f, side, ctx))
+            [+ AuxK, see auxk.py] [+ Gated's frozen-decoder term]
+            (Matryoshka: the reconstruction term is the mean over nested prefixes)
+
+``side`` holds the architecture's own parameters (``SAEParams.extra``), b_enc and, with a
+free decoder, the decoder row norms; ``ctx`` is a :class:`Context`.
 
 Layout: ``W_enc`` and ``W_dec`` are both [F, D] (feature-major), so the latent axis is the
 leading, sharded axis of both, the paper's "encoder row i" is ``W_enc[i]`` and its
@@ -267,7 +272,10 @@ def per_input_loss(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
 def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
                      feature_major: bool | None = None, stale: Int[Array, " F"] | None = None,
                      ctx: Context | None = None) -> Forward:
-    """Loss, its parts and the exact gradient w.r.t. all parameters (five matmuls).
+    """Loss, its parts and the exact gradient w.r.t. all parameters.
+
+    Five B x D x F matmuls (Matryoshka: the decoder's three as per-group products of the
+    same total size; Gated: two more for the auxiliary reconstruction).
 
     Args:
       params: SAE parameters.

@@ -80,6 +80,8 @@ class Architecture:
       params: ``config -> {name: ParamSpec}``, the architecture's own parameters.
       update_buffers: ``(extra, stats, ctx) -> {name: new value}`` for the untrained
         parameters, run by the step after the update (BatchTopK's running threshold).
+      constrain: ``(extra, ctx) -> {name: value}``, a projection of trained extras after
+        each update (JumpReLU's raw threshold is kept >= 0).
       aux_recon: ``(pre, side, ctx) -> g [B, F]``, features that a *frozen* copy of the
         decoder reconstructs x from, as an extra loss term (Gated's auxiliary loss), or None.
       nested: the loss averages the reconstructions of nested prefixes of the dictionary
@@ -89,6 +91,8 @@ class Architecture:
       uses_k: ``SAEConfig.k`` sets its sparsity (k <= n_features is checked; k annealing
         applies).
       uses_l1: ``SAEConfig.l1_coefficient`` is its penalty's coefficient.
+      batch_wide: the training activation selects across the whole batch (BatchTopK), so
+        an input's features depend on the rest of its batch.
       feature_major: True if the activation acts on each pre-activation alone (no
         reduction across features, unlike top-k); on XLA:CPU the step then keeps its
         [B, F] intermediates feature-major (see :mod:`saejax.sae.model`). Only speed
@@ -108,11 +112,13 @@ class Architecture:
     check: Callable[[Any], None] | None = None
     params: Callable[[Any], dict[str, ParamSpec]] = lambda config: {}
     update_buffers: Callable[[Any, Any, Any], dict[str, Any]] | None = None
+    constrain: Callable[[Any, Any], dict[str, Any]] | None = None
     aux_recon: Callable[[Any, Any, Any], Any] | None = None
     nested: bool = False
     default_init: str = "kaiming"
     uses_k: bool = False
     uses_l1: bool = False
+    batch_wide: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

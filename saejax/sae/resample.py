@@ -25,7 +25,10 @@ steps in ``config.resample_steps`` (see ``step.should_resample``).
 
 Every architecture resamples the same way. The loss of step 2 is the per-input loss of
 the inference form (for BatchTopK and Matryoshka: with the running threshold). Dead is
-:func:`saejax.sae.model.dead_mask`, the step's and AuxK's definition too.
+:func:`saejax.sae.dead.dead_mask`, the step's and AuxK's definition too. For Gated the
+per-input loss includes its auxiliary gate reconstruction (the loss it trains on). With
+an unconstrained decoder (``decoder = "free"``) the new decoder rows get the alive rows'
+mean norm instead of 1.
 
 Resampled features get ``last_fired = step`` (a fresh window). Rows are drawn for every
 feature and then selected by the dead mask, keeping shapes static: the drawn inputs are
@@ -138,8 +141,16 @@ def resample_fn(config: SAEConfig, mesh: Mesh | None = None):
         enc_norms = jnp.linalg.norm(p.W_enc, axis=-1)                                  # [F]
         n_alive = jnp.sum(~dead)
         mean_alive = jnp.where(n_alive > 0, jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(n_alive, 1), 1.0)
+        if config.decoder == "free":
+            # An unconstrained decoder: new rows get the alive rows' mean norm, not 1 (the
+            # decoder-norm-weighted penalty would charge unit rows ~10x the live ones).
+            dec_norms = jnp.linalg.norm(p.W_dec, axis=-1)
+            unit_dec = unit * jnp.where(n_alive > 0, jnp.sum(jnp.where(dead, 0.0, dec_norms))
+                                        / jnp.maximum(n_alive, 1), 1.0)
+        else:
+            unit_dec = unit
         new_params = model.SAEParams(
-            W_dec=jnp.where(dead[:, None], unit, p.W_dec),                             # step 4
+            W_dec=jnp.where(dead[:, None], unit_dec, p.W_dec),                         # step 4
             W_enc=jnp.where(dead[:, None], unit * (config.resample_encoder_scale * mean_alive), p.W_enc),
             b_enc=jnp.where(dead, 0.0, p.b_enc),                                       # step 5
             b_dec=p.b_dec,

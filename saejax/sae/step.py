@@ -183,10 +183,11 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         ctx = model.train_context(config, state.step, anneal)
         out = model.forward_backward(params, x, config, stale=state.step - state.last_fired, ctx=ctx)
         grads = out.grads
-        if config.grad_clip > 0:
-            grads = clip_by_global_norm(grads, config.grad_clip)
         if config.decoder == "unit":
             grads = grads.replace(W_dec=model.project_decoder_grad(grads.W_dec, params.W_dec))
+        if config.grad_clip > 0:
+            # After the projection, as dictionary_learning (project, clip, step).
+            grads = clip_by_global_norm(grads, config.grad_clip)
         updates, opt_state = opt.update(grads, state.opt_state, params)
         lr_factor = schedule.lr_factor(config, state.step)
         if lr_scheduled:
@@ -196,6 +197,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         new_params = optax.apply_updates(params, updates)
         if config.decoder == "unit":
             new_params = new_params.replace(W_dec=model.unit_rows(new_params.W_dec))
+        if arch.constrain is not None:
+            new_params = new_params.replace(extra={**new_params.extra, **arch.constrain(new_params.extra, ctx)})
         if arch.update_buffers is not None:
             new_params = new_params.replace(extra={**new_params.extra,
                                                    **arch.update_buffers(params.extra, out.stats, ctx)})
@@ -246,6 +249,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
             metrics["k"] = jnp.asarray(ctx.k, jnp.float32)
         if "threshold" in new_state.params.extra and new_state.params.extra["threshold"].ndim == 0:
             metrics["threshold"] = new_state.params.extra["threshold"]
+        if "fallback" in out.stats:
+            metrics["threshold_fallback"] = out.stats["fallback"].astype(jnp.float32)
         return new_state, metrics
 
     return step
@@ -282,7 +287,11 @@ def make_train_step(config: SAEConfig, mesh: Mesh
     jitted = build(False)
     k_final = schedule.k_final_step(config)
     annealing = build(True) if k_final > 0 else None
+    # Without ``step`` the wrapper reads it from the state until the annealing is over, then
+    # assumes steps only increase (no more device reads); with ``step`` it decides each call.
+    annealed = [annealing is None]
     batch_axis = b_sh.spec[0]
+    batch_wide = registry.get_architecture(config.architecture).batch_wide
 
     def train_step(state: TrainState, batch: Float[Array, "B D"], step: int | None = None
                    ) -> tuple[TrainState, dict[str, Array]]:
@@ -292,12 +301,17 @@ def make_train_step(config: SAEConfig, mesh: Mesh
             raise ConfigError(f"batch has shape {shape}; expected a 2-D [B, {config.d_in}] array")
         if batch_axis is not None:
             check_divisible("batch size", shape[0], mesh, batch_axis)
+        if batch_wide and shape[0] * config.n_features >= 2 ** 31:
+            raise ConfigError(f"batch size {shape[0]} x sae.n_features={config.n_features} must be < 2^31 "
+                              f"for architecture {config.architecture!r} (its batch-wide selection counts "
+                              f"in int32); use a smaller batch")
         check_live(state)
-        if annealing is not None:
+        if annealing is not None and (step is not None or not annealed[0]):
             # While k is annealed the top-k runs with k_anneal_start; ``step`` (completed
             # steps, which the loop knows) saves reading it from the device.
             if (int(state.step) if step is None else step) < k_final:
                 return annealing(state, batch)
+            annealed[0] = step is None
         return jitted(state, batch)
 
     train_step.jitted = jitted
