@@ -92,6 +92,9 @@ def run_variant(variant: str) -> dict:
     cfg = from_config(SAETrainConfig, cd)
     t0 = time.perf_counter()
     res = train(cfg)
+    if res.get("interrupted") or res["step"] < cfg.num_steps:
+        raise SystemExit(f"{variant}: training stopped at step {res['step']} ({res.get('interrupted')}); "
+                         f"no result recorded (re-run to resume it)")
     e = res["eval"]
     family, level = sae_families.parse(variant)
     row = {"variant": variant, "family": family, "level": level, "steps": res["step"],

@@ -215,11 +215,22 @@ def test_batch_threshold_is_the_exact_nth_largest_including_the_fallback():
         assert float(nth_largest(jnp.asarray(a), 64 * k)) == want
         assert float(batch_threshold(jnp.asarray(a), k, k)) == want
     # One row holds most of the batch's largest values: more than its 2k candidates, so the
-    # candidate stage is not enough and the full bisection must run.
-    b = a.copy()
-    b[3] += 10.0
-    want = np.sort(b.ravel())[::-1][64 * 4 - 1]
-    assert float(batch_threshold(jnp.asarray(b), 4, 4)) == want
+    # candidate stage is not enough: the row enters whole (path 1). Ten such rows are more
+    # than B / 16 = 4, so the whole batch is bisected (path 2).
+    # Like LM activations: each row has ~k large values over a small background, a few rows
+    # have many.
+    spikes = np.zeros((64, 512))
+    for row in spikes:
+        row[rng.choice(512, 4, replace=False)] = 1.0 + rng.rand(4)
+    a = (np.maximum(rng.randn(64, 512), 0) * 0.1 + spikes).astype(np.float32)
+    for rows, path in (([3], 1), ([1, 3, 5, 7, 11, 13, 17, 19, 23, 29], 2)):
+        b = a.copy()
+        b[rows] += np.where(rng.rand(len(rows), 512) < 0.1, 2.0, 0.0).astype(np.float32)
+        want = np.sort(b.ravel())[::-1][64 * 4 - 1]
+        t, got_path = batch_threshold(jnp.asarray(b), 4, 4, with_fallback=True)
+        assert float(t) == want and int(got_path) == path
+    t, got_path = batch_threshold(jnp.asarray(a), 4, 4, with_fallback=True)
+    assert int(got_path) == 0
     # Fewer positive entries than B k: everything positive is kept (threshold 0).
     c = np.where(rng.rand(64, 512) < 0.001, 1.0, 0.0).astype(np.float32)
     assert float(batch_threshold(jnp.asarray(c), 4, 4)) == 0.0
@@ -241,7 +252,7 @@ def test_batchtopk_keeps_b_times_k_and_exports_as_jumprelu(arch, mesh1, tmp_path
         state, m = step(state, jnp.asarray(_x(10 + i)))
         assert float(m["l0"]) == 3.0  # B k kept over the batch (no ties in float data)
         thetas.append(float(m["threshold"]))
-        assert float(m["threshold_fallback"]) in (0.0, 1.0)
+        assert float(m["threshold_path"]) in (0.0, 1.0, 2.0)
     assert thetas[0] > 0 and all(0 < t for t in thetas)
     bundle = SAEBundle(params=jax.device_get(state.params), config=cfg)
     jump = bundle.as_jumprelu()

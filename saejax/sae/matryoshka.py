@@ -17,6 +17,12 @@ a scale that keeps the reconstruction term comparable to the other architectures
 learning rates transfer). The shared backward computes the prefix reconstructions from
 per-group products, which together cost the same as one full decoder matmul.
 
+The per-group products slice the latent axis, which a mesh may split over its "model"
+axis: results equal one device's (tested), but group boundaries that do not fall on shard
+boundaries (the default first group, F/16, lies inside one of 8 shards) make XLA move data
+between shards and leave the work unbalanced. Prefer group sizes that are multiples of
+F / (model shards) when the dictionary is split.
+
 Exported, a Matryoshka SAE is a JumpReLU with one shared threshold like BatchTopK (the
 group boundaries stay in its config).
 """

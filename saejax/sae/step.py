@@ -249,8 +249,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
             metrics["k"] = jnp.asarray(ctx.k, jnp.float32)
         if "threshold" in new_state.params.extra and new_state.params.extra["threshold"].ndim == 0:
             metrics["threshold"] = new_state.params.extra["threshold"]
-        if "fallback" in out.stats:
-            metrics["threshold_fallback"] = out.stats["fallback"].astype(jnp.float32)
+        if "path" in out.stats:
+            metrics["threshold_path"] = out.stats["path"].astype(jnp.float32)
         return new_state, metrics
 
     return step
