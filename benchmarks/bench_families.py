@@ -152,11 +152,19 @@ def pareto_plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    floor = 80.0
+    below = []
     for fam in sorted({r["family"] for r in rows}):
         pts = sorted((r["l0"], 100 * r["loss_recovered"]) for r in rows if r["family"] == fam)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam)
-    ax.set_xlabel("L0 (mean active features per held-out token)")
+        ax.plot([p[0] for p in pts], [max(p[1], floor) for p in pts], "o-", label=fam)
+        below += [f"{fam} {p[1]:.0f}% at L0 {p[0]:.0f}" for p in pts if p[1] < floor]
+    ax.set_xscale("log")
+    ax.set_ylim(floor - 1, 100)
+    if below:
+        ax.text(0.01, 0.01, "drawn at the floor (below 80%): " + "; ".join(below), transform=ax.transAxes,
+                fontsize=6, va="bottom")
+    ax.set_xlabel("L0 (mean active features per held-out token, log scale)")
     ax.set_ylabel("loss recovered (%)")
     ax.set_title("SAE families on the demo budget (4,096 features, 1.6M tokens)")
     ax.grid(alpha=0.3)
