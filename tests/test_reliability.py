@@ -370,6 +370,18 @@ def test_more_bad_inputs_give_one_line(script, args, code, pattern):
 # ------------------------------------------------------------------- the table
 
 
+def _flipped_copy(src: str, dst: str, array: str, offset: int, mask: int) -> str:
+    """A copy of store ``src`` whose first chunk of ``array`` has one byte's bits flipped."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    chunk = os.path.join(dst, array, "c", "0", "0")
+    raw = bytearray(open(chunk, "rb").read())
+    raw[offset] ^= mask
+    open(chunk, "wb").write(bytes(raw))
+    return dst
+
+
 @pytest.fixture(scope="module")
 def world(tiny_lm_dir, tmp_path_factory):
     """Existing files a bad command must leave alone, and broken inputs to feed it."""
@@ -387,18 +399,8 @@ def world(tiny_lm_dir, tmp_path_factory):
         run_harvest(HarvestConfig(lm_dir=tiny_lm_dir, site=f"mlp.{site}", out_dir=w[f"acts_{site}"],
                                   lm_batch_size=16, sae_batch_size=256, chunk_mb=0.06,
                                   num_contexts=64))
-    w["acts_corrupt"] = str(root / "acts_corrupt")
-    shutil.copytree(w["acts_post"], w["acts_corrupt"])
-    chunk = os.path.join(w["acts_corrupt"], "acts.zarr", "c", "0", "0")
-    raw = bytearray(open(chunk, "rb").read())
-    raw[64] ^= 0x40
-    open(chunk, "wb").write(bytes(raw))
-    w["tokens_corrupt"] = str(root / "tokens_corrupt")
-    shutil.copytree(w["tokens"], w["tokens_corrupt"])
-    chunk = os.path.join(w["tokens_corrupt"], "train.zarr", "c", "0", "0")
-    raw = bytearray(open(chunk, "rb").read())
-    raw[40] ^= 0x01
-    open(chunk, "wb").write(bytes(raw))
+    w["acts_corrupt"] = _flipped_copy(w["acts_post"], str(root / "acts_corrupt"), "acts.zarr", 64, 0x40)
+    w["tokens_corrupt"] = _flipped_copy(w["tokens"], str(root / "tokens_corrupt"), "train.zarr", 40, 0x01)
     w["tokens_badmeta"] = str(root / "tokens_badmeta")
     shutil.copytree(w["tokens"], w["tokens_badmeta"])
     with open(os.path.join(w["tokens_badmeta"], "metadata.json"), "w") as f:

@@ -13,7 +13,7 @@ import pytest
 from saejax.config import ConfigError, from_config
 from saejax.loop import HostMetrics, NonFiniteError, check_finite
 from saejax.normalize import ActivationStats, Normalizer
-from saejax.sae import model, registry
+from saejax.sae import gradcheck, model, registry
 from saejax.sae.bundle import SAEBundle
 from saejax.sae.config import SAEConfig
 
@@ -136,14 +136,14 @@ def test_registry_entries_carry_their_rules():
 
 def test_check_backward_refuses_a_loss_the_backward_does_not_match(monkeypatch):
     cfg = SAEConfig(d_in=D, n_features=F)
-    model.check_backward(cfg)  # the real pair agrees
+    gradcheck.check_backward(cfg)  # the real pair agrees
     real = model.per_input_loss
     # Someone adds a term to the loss definition but not to the hand-written backward.
     monkeypatch.setattr(model, "per_input_loss",
                         lambda p, x, c: real(p, x, c) + 1e-2 * jnp.sum(p.b_enc ** 2))
-    monkeypatch.setattr(model, "_CHECKED", set())
+    monkeypatch.setattr(gradcheck, "_CHECKED", set())
     with pytest.raises(RuntimeError, match="'relu'.*disagrees with autodiff.*b_enc"):
-        model.check_backward(cfg)
+        gradcheck.check_backward(cfg)
 
 
 # ------------------------------------------------------------------- run record

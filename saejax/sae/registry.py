@@ -9,7 +9,7 @@ reconstruction (Gated) and the gradients, and differentiates the activation and 
 with ``jax.vjp`` (straight-through estimators are ``custom_vjp``s inside them). A new
 architecture is one module that calls :func:`register_architecture`; every registered
 architecture's hand-written backward is checked against autodiff of
-:func:`saejax.sae.model.per_input_loss` (:func:`saejax.sae.model.check_backward`) before
+:func:`saejax.sae.model.per_input_loss` (:func:`saejax.sae.gradcheck.check_backward`) before
 its first train step is built.
 
 A *dead-feature strategy* is a factory ``(config, mesh) -> fn(state, sample_inputs) ->

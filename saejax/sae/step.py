@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from saejax.config import ConfigError
 from saejax.parallel import check_divisible, named_sharding, optimizer_shardings, replicated
-from saejax.sae import model, registry, schedule
+from saejax.sae import gradcheck, model, registry, schedule
 from saejax.sae.config import SAEConfig
 from saejax.sae.geometric_median import geometric_median
 from saejax.sae.model import SAEParams
@@ -268,11 +268,11 @@ def make_train_step(config: SAEConfig, mesh: Mesh
     Raises:
       ConfigError: n_features does not split over the mesh.
       RuntimeError: the architecture's hand-written backward disagrees with autodiff of
-        its loss (:func:`saejax.sae.model.check_backward`, once per architecture).
+        its loss (:func:`saejax.sae.gradcheck.check_backward`, once per architecture).
     """
     check_mesh(config, mesh)
     config.check_schedule()
-    model.check_backward(config)
+    gradcheck.check_backward(config)
     opt = make_optimizer(config)
     s_sh = state_shardings(config, mesh)
     b_sh = named_sharding(mesh, BATCH_AXES)
