@@ -78,15 +78,19 @@ class HostMetrics:
       finite_keys: scalars checked by :func:`check_finite`.
       what: the failure's name in the error message.
       skip: per-feature (non-scalar) metrics that stay on the device.
+      fetch: reads one step's device metrics into host scalars (default
+        :func:`host_scalars` without ``skip``; a sweep names each member's scalars).
     """
 
     def __init__(self, *, log_every: int, end: int, tokens_per_step: int, report: Report,
                  on_nonfinite: Callable[[NonFiniteError], None],
                  finite_keys: tuple[str, ...] = ("loss",), what: str = "loss or gradient",
-                 skip: tuple[str, ...] = ()):
+                 skip: tuple[str, ...] = (),
+                 fetch: Callable[[Any], dict[str, float]] | None = None):
         self.log_every, self.end, self.tokens_per_step = log_every, end, tokens_per_step
         self._report, self._on_nonfinite = report, on_nonfinite
-        self._keys, self._what, self._skip = finite_keys, what, skip
+        self._keys, self._what = finite_keys, what
+        self._fetch = fetch or (lambda metrics: host_scalars(metrics, skip))
         self._pending: tuple[int, Any] | None = None
         self._sum: dict[str, float] = {}
         self._n = 0
@@ -116,7 +120,7 @@ class HostMetrics:
             self._consume(*pending)
 
     def _consume(self, step: int, metrics: Mapping[str, Any]) -> None:
-        m = host_scalars(metrics, self._skip)
+        m = self._fetch(metrics)
         try:
             check_finite(m, step + 1, self._keys, self._what)
         except NonFiniteError as e:

@@ -136,11 +136,16 @@ def _checkpointer(workdir: str):
     return Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False, read_only=True)
 
 
-def load_record(workdir: str, *, step: int | None = None) -> SAERunRecord:
+def load_record(workdir: str, *, step: int | None = None, member: str | None = None) -> SAERunRecord:
     """The run record of ``workdir``'s checkpoint ``step`` (default latest); no arrays read.
+
+    ``member``: the dictionary of a sweep (:mod:`saejax.sweep`); its record is the sweep's
+    with that member's config.
 
     Raises:
       FileNotFoundError: no checkpoint in ``workdir``.
+      ConfigError: a sweep without ``member`` (or an unknown one), or ``member`` for a
+        single run.
     """
     ckpt = _checkpointer(workdir)
     try:
@@ -150,19 +155,46 @@ def load_record(workdir: str, *, step: int | None = None) -> SAERunRecord:
         step = ckpt.metadata_step
     finally:
         ckpt.close()
-    return SAERunRecord.from_dict(meta, step=step, where=f"{workdir!r} step {step}")
+    return _record(meta, workdir, step, member)[0]
 
 
-def load_sae(workdir: str, *, step: int | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> tuple[SAEBundle, SAERunRecord]:
+def _record(meta: dict, workdir: str, step: int | None, member: str | None
+            ) -> tuple[SAERunRecord, tuple[int, int] | None]:
+    """(record, (group, position) of ``member`` in a sweep, or None for a single run)."""
+    where = f"{workdir!r} step {step}"
+    if "sweep" not in meta:
+        if member is not None:
+            raise ConfigError(f"{workdir!r} holds a single run, not a sweep: drop member={member!r}")
+        return SAERunRecord.from_dict(meta, step=step, where=where), None
+    from saejax.train_config import SweepConfig
+
+    sweep = from_config(SweepConfig, meta["config"])
+    if member is None:
+        raise ConfigError(f"{workdir!r} holds a sweep of {len(sweep.members)} dictionaries "
+                          f"({', '.join(sweep.member_names)}): pass member=<name>")
+    config = sweep.member(member)  # ConfigError naming the members for an unknown one
+    record = SAERunRecord.from_dict(meta["record"], step=step, where=where)
+    pos = next((gi, names.index(member)) for gi, names in enumerate(meta["groups"]) if member in names)
+    return dataclasses.replace(record, config=config), pos
+
+
+def load_sae(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+             member: str | None = None) -> tuple[SAEBundle, SAERunRecord]:
     """Restores a trained dictionary onto ``mesh`` (any shape; default all devices, data-parallel).
 
     Only the SAE's train state is read: the shuffle buffer saved beside it is laid out for
-    the training mesh and not needed.
+    the training mesh and not needed. ``member`` names one dictionary of a sweep's workdir
+    (:mod:`saejax.sweep`): only its group's stacked state is read, and its slice returned.
 
     Returns:
       (bundle, record): an :class:`~saejax.sae.bundle.SAEBundle` (parameters sharded for
-      ``mesh``, config, normaliser, site) and the run's :class:`SAERunRecord`.
+      ``mesh``, config, normaliser, site) and the run's :class:`SAERunRecord` (for a sweep
+      member: the sweep's record with the member's config).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``workdir``.
+      ConfigError: a sweep without ``member`` (or an unknown one), or ``member`` for a
+        single run.
     """
     from saejax.sae.step import abstract_state
 
@@ -171,15 +203,27 @@ def load_sae(workdir: str, *, step: int | None = None,
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no SAE checkpoint in {workdir!r}")
-        config = SAERunRecord.from_dict(ckpt.restore_metadata(step),  # None: the newest that reads
-                                        where=f"{workdir!r}").config
-        abstract = {"sae": abstract_state(config.sae, mesh)}
+        meta = ckpt.restore_metadata(step)  # None: the newest that reads
+        record, pos = _record(meta, workdir, None, member)
+        if pos is None:
+            abstract = {"sae": abstract_state(record.config.sae, mesh)}
+        else:
+            from saejax.sae import sweep_step as sw
+            from saejax.train_config import SweepConfig
+
+            sweep = from_config(SweepConfig, meta["config"])
+            names = meta["groups"][pos[0]]
+            group = sw.Group(tuple(names), tuple(sweep.member(n).sae for n in names))
+            abstract = {"groups": {f"group{pos[0]}": sw.abstract_stack(group, mesh)}}
         # Without a step: the newest step that restores (a damaged newer one is skipped).
         state, _, meta = ckpt.restore(abstract, step, partial=True)
-        record = SAERunRecord.from_dict(meta, step=ckpt.restored_step,
-                                        where=f"{workdir!r} step {ckpt.restored_step}")
+        record, _ = _record(meta, workdir, ckpt.restored_step, member)
     finally:
         ckpt.close()
-    bundle = SAEBundle(params=state["sae"].params, config=record.config.sae,
-                       normalizer=record.normalizer, site=record.site)
+    if pos is None:
+        params = state["sae"].params
+    else:
+        params = sw.member_getter(group, mesh)(state["groups"][f"group{pos[0]}"], pos[1]).params
+    bundle = SAEBundle(params=params, config=record.config.sae, normalizer=record.normalizer,
+                       site=record.site)
     return bundle, record

@@ -28,7 +28,6 @@ import numpy as np
 from absl import logging
 
 from saejax import parallel
-from saejax.activations import restore_lm_source
 from saejax.checkpoint import Checkpointer
 from saejax.config import ConfigError
 from saejax.loop import HostMetrics, NonFiniteError, run_steps
@@ -38,7 +37,7 @@ from saejax.sae.bundle import SAEBundle
 from saejax.sae.step import (abstract_state, init_state, make_dead_strategy, make_train_step,
                              should_resample)
 from saejax.train_config import SAETrainConfig
-from saejax.train_setup import RunEvaluation, check_provenance, make_source, new_record
+from saejax.train_setup import RunEvaluation, check_provenance, new_record, open_source
 
 EVAL_FILE = "eval.json"
 INIT_SAMPLE_ROWS = 16_384  # rows for the geometric-median initialisation of b_dec
@@ -72,23 +71,7 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
       ConfigError: inconsistent settings (e.g. ``sae.d_in`` != the activations' width).
     """
     t_start = time.perf_counter()
-    mesh = parallel.make_mesh(cfg.mesh)
-    lm = restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh) if cfg.lm.dir else None
-    if activations is not None and cfg.source.kind != "arrays":
-        raise ConfigError(f"activations were passed, but config field 'source.kind' = "
-                          f"{cfg.source.kind!r}: set it to 'arrays'")
-    if cfg.source.kind == "arrays" and (activations is None) == (not cfg.source.paths):
-        raise ConfigError(f"config field 'source.paths' = {cfg.source.paths!r} is invalid: "
-                          f"source.kind='arrays' reads either .npy files (source.paths) or "
-                          f"train(cfg, activations=...), exactly one of them")
-    parallel.check_divisible("batch_size", cfg.batch_size, mesh, parallel.DATA)
-    if lm is not None and lm.width != cfg.sae.d_in:
-        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: site "
-                          f"{lm.site!r} of the LM in {cfg.lm.dir!r} has width {lm.width}")
-    source = make_source(cfg, mesh, lm, activations)
-    if source.width != cfg.sae.d_in:
-        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: the "
-                          f"{cfg.source.kind} activations have width {source.width}")
+    mesh, lm, source = open_source(cfg, activations)
     check_provenance(cfg, lm, source)  # a store from another LM or site: refused at once
     train_step = make_train_step(cfg.sae, mesh)  # a dictionary that does not split: refused
     dead_strategy = make_dead_strategy(cfg.sae, mesh)

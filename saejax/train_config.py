@@ -16,7 +16,10 @@ their docstring:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 from saejax.config import (ConfigError, DistributedConfig, MeshConfig, check, check_choice,
                            check_nonnegative, check_positive)
@@ -253,3 +256,83 @@ class SAETrainConfig:
             check("source.buffer_rows", self.source.buffer_rows,
                   self.source.buffer_rows % (2 * self.batch_size) == 0,
                   f"must be a multiple of 2 x batch_size ({2 * self.batch_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepMember:
+    """One dictionary of a sweep (section ``members[i]``).
+
+    Attributes:
+      name: the member's name (letters, digits, ``_``, ``-``, ``.``); its files live in
+        ``<workdir>/members/<name>`` and ``restore_run(workdir, member=name)`` restores it.
+      sae: overrides of the sweep's ``sae`` section for this member, e.g. ``{"k": 16}``.
+    """
+
+    name: str = ""
+    sae: Any = None
+
+    def __post_init__(self):
+        check("members[].name", self.name, bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name or "")),
+              "must be a non-empty name of letters, digits, '_', '-' or '.'")
+        if self.sae is not None and not isinstance(self.sae, Mapping):
+            raise ConfigError(f"config field 'members[].sae' of member {self.name!r} = {self.sae!r} "
+                              f"is invalid: must be a section of sae fields, e.g. {{'k': 16}}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(SAETrainConfig):
+    """``launch/train_sae.py`` with ``members``: N dictionaries from one activation stream.
+
+    Every field of :class:`SAETrainConfig` is shared (site, source, batch, steps,
+    evaluation, checkpoints); each member overrides fields of ``sae``. Members equal but for
+    lr, l1/l0/aux coefficients, k and seed are stacked and trained by one step
+    (:mod:`saejax.sae.sweep_step`); others form further groups.
+
+    Attributes:
+      members: the dictionaries (at least one; names unique).
+      sweep_memory_limit_bytes: memory one device may use (0: detect; a sweep whose
+        estimate exceeds it is refused at setup).
+    """
+
+    members: tuple[SweepMember, ...] = ()
+    sweep_memory_limit_bytes: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check("members", len(self.members), len(self.members) >= 1,
+              "must list at least one member (a sweep of none trains nothing)")
+        names = [m.name for m in self.members]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check("members", dup, not dup, "must have unique names (repeated: " + ", ".join(dup) + ")")
+        check_nonnegative("sweep_memory_limit_bytes", self.sweep_memory_limit_bytes)
+        for i, m in enumerate(self.members):
+            self._member_sae(i, m)  # every member's config is valid now, not at its turn
+
+    def _member_sae(self, i: int, m: SweepMember) -> SAEConfig:
+        from saejax.config import from_config, to_dict
+
+        over = dict(m.sae or {})
+        try:
+            return from_config(SAEConfig, {**to_dict(self.sae), **over}, prefix=f"config.members[{i}].sae")
+        except ConfigError as e:
+            raise ConfigError(f"sweep member {m.name!r}: {e}") from None
+
+    @property
+    def member_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.members)
+
+    def base(self) -> SAETrainConfig:
+        """The shared settings as a single run's config (the sweep's own ``sae``)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(SAETrainConfig)}
+        return SAETrainConfig(**kw)
+
+    def member(self, name: str) -> SAETrainConfig:
+        """Member ``name`` as an ordinary run's config (its workdir: ``members/<name>``)."""
+        if name not in self.member_names:
+            raise ConfigError(f"the sweep has no member {name!r}; its members: "
+                              f"{', '.join(self.member_names)}")
+        i = self.member_names.index(name)
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(SAETrainConfig)}
+        kw.update(sae=self._member_sae(i, self.members[i]),
+                  workdir=os.path.join(self.workdir, "members", name))
+        return SAETrainConfig(**kw)

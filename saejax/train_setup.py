@@ -1,5 +1,6 @@
 """What an SAE training run is built from: its activation source, its record, its evaluation.
 
+:func:`open_source` opens the LM and the source with their input checks;
 :func:`make_source` builds the configured :class:`~saejax.activations.ActivationSource`
 (arrays are written into a store in the workdir first); :func:`check_provenance` refuses
 activations that do not belong to the run; :func:`new_record` makes the run record of a
@@ -15,8 +16,9 @@ from typing import Any
 import jax.numpy as jnp
 from absl import logging
 
-from saejax import evaluate
-from saejax.activations import ActivationSource, LMSource, OnTheFlySource, StoreSource
+from saejax import evaluate, parallel
+from saejax.activations import (ActivationSource, LMSource, OnTheFlySource, StoreSource,
+                                  restore_lm_source)
 from saejax.checkpoint import versions
 from saejax.config import ConfigError
 from saejax.data.activation_store import ActivationStore
@@ -29,6 +31,34 @@ from saejax.sae.bundle import SAEBundle
 from saejax.train_config import SAETrainConfig
 
 ARRAYS_DIR, ARRAYS_EVAL_DIR = "activations", "activations_eval"
+
+
+def open_source(cfg: SAETrainConfig, activations=None) -> tuple[Any, LMSource | None, ActivationSource]:
+    """(mesh, LM or None, activation source) of a run, its input checks done (one line each).
+
+    Raises:
+      ConfigError: activations passed without source.kind "arrays" (or both/neither of
+        paths and arrays), a batch that does not split over "data", or a width that is not
+        ``sae.d_in``.
+    """
+    mesh = parallel.make_mesh(cfg.mesh)
+    lm = restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh) if cfg.lm.dir else None
+    if activations is not None and cfg.source.kind != "arrays":
+        raise ConfigError(f"activations were passed, but config field 'source.kind' = "
+                          f"{cfg.source.kind!r}: set it to 'arrays'")
+    if cfg.source.kind == "arrays" and (activations is None) == (not cfg.source.paths):
+        raise ConfigError(f"config field 'source.paths' = {cfg.source.paths!r} is invalid: "
+                          f"source.kind='arrays' reads either .npy files (source.paths) or "
+                          f"train(cfg, activations=...), exactly one of them")
+    parallel.check_divisible("batch_size", cfg.batch_size, mesh, parallel.DATA)
+    if lm is not None and lm.width != cfg.sae.d_in:
+        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: site "
+                          f"{lm.site!r} of the LM in {cfg.lm.dir!r} has width {lm.width}")
+    source = make_source(cfg, mesh, lm, activations)
+    if source.width != cfg.sae.d_in:
+        raise ConfigError(f"config field 'sae.d_in' = {cfg.sae.d_in} is invalid: the "
+                          f"{cfg.source.kind} activations have width {source.width}")
+    return mesh, lm, source
 
 
 def make_source(cfg: SAETrainConfig, mesh, lm: LMSource | None,

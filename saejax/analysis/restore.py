@@ -107,12 +107,13 @@ class Run:
         return lm_module(self.lm).cfg
 
 
-def restore_run(workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+def restore_run(workdir: str, *, member: str | None = None, mesh: jax.sharding.Mesh | None = None,
                 step: int | None = None) -> Run:
     """Restores an SAE training run (``launch/train_sae.py``'s workdir) for analysis.
 
     Args:
-      workdir: the SAE run's workdir.
+      workdir: the SAE run's workdir (or a sweep's).
+      member: the dictionary of a sweep to restore (required for a sweep's workdir).
       mesh: target mesh (any shape; default all devices, data-parallel).
       step: checkpoint step (default latest).
     """
@@ -120,7 +121,7 @@ def restore_run(workdir: str, *, mesh: jax.sharding.Mesh | None = None,
     from saejax.lm.restore import load_lm
 
     mesh = mesh or parallel.make_mesh(MeshConfig())
-    sae, record = load_sae(workdir, step=step, mesh=mesh)
+    sae, record = load_sae(workdir, step=step, mesh=mesh, member=member)
     if record.lm is None or record.lm.token_store is None:
         raise ConfigError(f"SAE run {workdir!r} was trained without a saejax LM; restore its "
                           f"dictionary with saejax.record.load_sae (encode / decode work "

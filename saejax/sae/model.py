@@ -121,18 +121,22 @@ def inference_context(config: SAEConfig) -> Context:
     return Context(config, False, 1.0, config.k, config.k)
 
 
-def train_context(config: SAEConfig, step: Int[Array, ""] | None = None, anneal: bool = False) -> Context:
+def train_context(config: SAEConfig, step: Int[Array, ""] | None = None, anneal: bool = False,
+                  k_max: int | None = None) -> Context:
     """The training form at ``step`` (schedules applied; None = none: full coefficient, final k).
 
     ``anneal`` selects the program that runs while k is annealed (a top-k of
-    ``k_anneal_start`` masked to the current k); see :mod:`saejax.sae.schedule`.
+    ``k_anneal_start`` masked to the current k); see :mod:`saejax.sae.schedule`. ``k_max``:
+    a static bound of a traced ``config.k`` (a sweep group whose members differ in k runs a
+    top-k of the largest and masks each member's down to its own; :mod:`saejax.sae.sweep_step`).
     """
+    k_max = config.k if k_max is None else k_max
     if step is None:
-        return Context(config, True, 1.0, config.k, config.k)
+        return Context(config, True, 1.0, config.k, k_max)
     sparsity = schedule.sparsity_factor(config, step)
     if anneal:
         return Context(config, True, sparsity, schedule.current_k(config, step), config.k_anneal_start)
-    return Context(config, True, sparsity, config.k, config.k)
+    return Context(config, True, sparsity, config.k, k_max)
 
 
 class Forward(NamedTuple):

@@ -168,11 +168,13 @@ def clip_by_global_norm(grads: SAEParams, max_norm: float) -> SAEParams:
     return jax.tree.map(lambda g: g * scale, grads)
 
 
-def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: bool = False
+def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: bool = False,
+                  k_max: int | None = None
                   ) -> Callable[[TrainState, Float[Array, "B D"]], tuple[TrainState, dict[str, Array]]]:
     """The un-jitted step (for composition and tests); :func:`make_train_step` jits it.
 
     ``anneal``: the program for the steps while k is annealed (:mod:`saejax.sae.schedule`).
+    ``k_max``: the static bound of a traced ``config.k`` (sweeps, :mod:`saejax.sae.sweep_step`).
     """
     arch = registry.get_architecture(config.architecture)
     lr_scheduled = config.lr_warmup_steps > 0 or config.lr_decay_fraction > 0
@@ -180,7 +182,7 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
     def step(state: TrainState, batch: Float[Array, "B D"]) -> tuple[TrainState, dict[str, Array]]:
         x = batch.astype(jnp.float32).reshape(-1, config.d_in)
         params = state.params
-        ctx = model.train_context(config, state.step, anneal)
+        ctx = model.train_context(config, state.step, anneal, k_max)
         out = model.forward_backward(params, x, config, stale=state.step - state.last_fired, ctx=ctx)
         grads = out.grads
         if config.decoder == "unit":
