@@ -294,18 +294,31 @@ def test_sigkill_then_resume_equals_the_uninterrupted_sweep(tiny_lm_dir, tmp_pat
     victim = _run(flags(tmp_path / "killed"))
     ckpts = tmp_path / "killed" / "checkpoints"
     t0 = time.time()
-    while not (ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckpts.iterdir())):
+    while not (ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpts.iterdir())):
         assert victim.poll() is None, victim.communicate()[0]
         assert time.time() - t0 < 600
         time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save
     victim.wait()
+    assert victim.returncode == -signal.SIGKILL
     again = _run(flags(tmp_path / "killed"))
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
+    assert "resumed the sweep" in out
     rows = json.load(open(tmp_path / "ref" / "sweep.json"))["rows"]
     assert len(rows) == 4
     for row in rows:
         a, _ = load_sae(str(tmp_path / "ref"), member=row["member"])
-        b, _ = load_sae(str(tmp_path / "killed"), member=row["member"])
+        b, rec = load_sae(str(tmp_path / "killed"), member=row["member"])
+        assert rec.step == 30
         assert_trees_equal(b.params, a.params, row["member"])
+        # Each member's metrics are durable: record for record as the uninterrupted run's.
+        assert logged(tmp_path / "killed", row["member"]) == logged(tmp_path / "ref", row["member"])
+
+
+def logged(work, member):
+    out = []
+    for line in (work / "members" / member / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")})
+    return [r for r in out if len(r) > 1]
