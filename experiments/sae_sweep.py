@@ -26,6 +26,12 @@ def _member(name: str, **sae) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    c = _get(arg)
+    c.sweep_memory_limit_bytes = 0  # 0: the device's memory (host memory on a CPU)
+    return c
+
+
+def _get(arg: str) -> ml_collections.ConfigDict:
     if arg == "tiny":
         c = sae_tiny.get_config()
         c.workdir = "runs/sae/sweep_tiny"

@@ -322,3 +322,16 @@ def logged(work, member):
         r = json.loads(line)
         out.append({k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")})
     return [r for r in out if len(r) > 1]
+
+
+@pytest.mark.slow
+def test_the_launcher_refuses_a_sweep_that_does_not_fit_in_one_line(tiny_lm_dir, tmp_path):
+    proc = _run([f"{ROOT}/launch/train_sae.py", f"--config={ROOT}/experiments/sae_sweep.py:tiny",
+                 f"--config.lm.dir={tiny_lm_dir}", f"--config.workdir={tmp_path / 'w'}",
+                 "--config.sweep_memory_limit_bytes=100000"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("train_sae: the sweep of 4 dictionaries needs an estimated "), last
+    assert "more than the 0.00 GiB available (sweep_memory_limit_bytes)" in last
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
