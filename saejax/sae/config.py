@@ -15,6 +15,7 @@ from typing import Literal, get_args
 from saejax.config import check, check_choice, check_fraction, check_nonnegative, check_positive
 
 Precision = Literal["f32", "bf16"]
+StepKernel = Literal["auto", "dense", "sparse"]
 Decoder = Literal["unit", "free"]
 Init = Literal["default", "kaiming", "tied"]
 ThresholdParam = Literal["raw", "log"]
@@ -80,6 +81,9 @@ class SAEConfig:
       lr, adam_b1, adam_b2, adam_eps: Adam (the paper gives no learning rate).
       precision: "f32", or "bf16" = bf16 matmul inputs with f32 accumulation; parameters,
         optimiser state and all elementwise maths stay f32 in both modes.
+      step_kernel: "dense" (five B x D x F matmuls), "sparse" (TopK: after the encoder
+        matmul and top-k, decode and gradients on the k active features only,
+        saejax/sae/sparse.py) or "auto" (sparse when the cost model says it is faster).
       resample_steps: steps at which dead features are resampled (the paper: 25k/50k/75k/100k).
       dead_window: a feature is dead if it fired on no input in the last ``dead_window``
         steps (the paper: 12,500).
@@ -132,6 +136,7 @@ class SAEConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     precision: Precision = "f32"
+    step_kernel: StepKernel = "auto"
     resample_steps: tuple[int, ...] = (25_000, 50_000, 75_000, 100_000)
     dead_window: int = 12_500
     resample_sample_size: int = 819_200
@@ -216,6 +221,12 @@ class SAEConfig:
         check_fraction("sae.adam_b2", self.adam_b2)
         check_positive("sae.adam_eps", self.adam_eps)
         check_choice("sae.precision", self.precision, get_args(Precision))
+        check_choice("sae.step_kernel", self.step_kernel, get_args(StepKernel))
+        if self.step_kernel == "sparse":
+            from saejax.sae.sparse import supports
+
+            why = supports(self)
+            check("sae.step_kernel", self.step_kernel, why is None, f"cannot be 'sparse': {why}")
         steps = tuple(self.resample_steps)
         check("sae.resample_steps", steps,
               all(isinstance(s, int) and s > 0 for s in steps) and list(steps) == sorted(set(steps)),

@@ -21,7 +21,8 @@ from saejax.sae.registry import get_architecture
 _CHECKED: set[tuple] = set()
 
 
-def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6,
+                   sparse: bool = False) -> None:
     """Checks :func:`forward_backward` against ``jax.grad`` of :func:`per_input_loss`.
 
     Runs once per architecture (and layout) per process, on a small random float32 problem
@@ -34,7 +35,8 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
     """
     arch = get_architecture(config.architecture)
     feature_major = arch.feature_major and model.cpu_layout() and not arch.nested
-    key = (arch.name, feature_major, config.decoder, config.jumprelu_threshold_param, config.target_l0 > 0)
+    key = (arch.name, feature_major, config.decoder, config.jumprelu_threshold_param, config.target_l0 > 0,
+           sparse)
     if key in _CHECKED:
         return
     d, f = 8, max(16, 2 * config.k)
@@ -55,7 +57,7 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
     params = params.replace(extra={
         name: v + jnp.asarray(np.abs(rng.randn(*v.shape)).astype(np.float32) * 0.2) if specs[name].trained else v
         for name, v in sorted(params.extra.items())})
-    out = model.forward_backward(params, x, cfg, feature_major=feature_major)
+    out = model.forward_backward(params, x, cfg, feature_major=feature_major, sparse=sparse)
     loss, grads = jax.value_and_grad(lambda p: jnp.mean(model.per_input_loss(p, x, cfg)))(params)
     pairs = [("loss", out.loss, loss)] + [(k, getattr(out.grads, k), getattr(grads, k))
                                           for k in ("W_enc", "b_enc", "W_dec", "b_dec")]
@@ -69,7 +71,7 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6)
     if bad:
         raise RuntimeError(
             f"SAE architecture {arch.name!r}: the hand-written backward "
-            f"(model.forward_backward, feature_major={feature_major}) disagrees with autodiff "
+            f"(model.forward_backward, feature_major={feature_major}, sparse={sparse}) disagrees with autodiff "
             f"of model.per_input_loss in {', '.join(bad)}; its activation or penalty breaks an "
             f"assumption of the shared backward")
     _CHECKED.add(key)

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from saejax.sae import auxk, schedule
+from saejax.sae import sparse as _sparse
 from saejax.sae.config import SAEConfig
 from saejax.sae.dead import dead_mask
 from saejax.sae.matmul import mm as _mm
@@ -150,6 +151,8 @@ class Forward(NamedTuple):
     x_hat: Float[Array, "B D"]
     grads: SAEParams
     stats: dict[str, Array]
+    # The sparse step's features as (values, indices) [B, k]; then ``f`` is None.
+    active: tuple[Array, Array] | None = None
 
 
 def _kaiming_uniform(key: Array, shape: tuple[int, int], fan_in: int) -> Float[Array, "M N"]:
@@ -275,7 +278,7 @@ def per_input_loss(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
 
 def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
                      feature_major: bool | None = None, stale: Int[Array, " F"] | None = None,
-                     ctx: Context | None = None) -> Forward:
+                     ctx: Context | None = None, sparse: bool | None = None, mesh=None) -> Forward:
     """Loss, its parts and the exact gradient w.r.t. all parameters.
 
     Five B x D x F matmuls (Matryoshka: the decoder's three as per-group products of the
@@ -294,6 +297,9 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
         gradient. It is skipped (a ``lax.cond``) while no feature is dead.
       ctx: the :class:`Context` (the step passes the scheduled one); None = the training
         form without schedules.
+      sparse: run the sparse TopK step (:mod:`saejax.sae.sparse`; features returned as
+        ``Forward.active`` instead of ``f``); None = ``sparse.use_sparse(config, mesh)``.
+      mesh: the mesh the step runs on (the sparse step runs per device in ``shard_map``).
 
     Returns:
       A :class:`Forward` with batch-mean loss (including AuxK and Gated's auxiliary
@@ -303,6 +309,10 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     """
     arch = get_architecture(config.architecture)
     ctx = train_context(config) if ctx is None else ctx
+    if sparse is None:
+        sparse = _sparse.use_sparse(config, mesh)
+    if sparse:
+        return _sparse_forward_backward(params, x, config, stale, ctx, mesh)
     if feature_major is None:
         feature_major = arch.feature_major and cpu_layout()
     feature_major = feature_major and not arch.nested
@@ -423,6 +433,30 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     grads = SAEParams(W_enc=g_wenc, b_enc=g_benc, W_dec=g_wdec, b_dec=g_bdec, extra=g_extra)
     return Forward(loss=recon + penalty + aux_loss, mse=mse, penalty=penalty, aux_loss=aux_loss,
                    f=view(f_l), x_hat=x_hat, grads=grads, stats=stats)
+
+
+def _sparse_forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
+                             stale: Int[Array, " F"] | None, ctx: Context, mesh) -> Forward:
+    """:func:`forward_backward` for TopK on the k active features (:mod:`saejax.sae.sparse`)."""
+    b, d = x.shape
+    a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat = _sparse.core(
+        params, x, ctx.k, ctx.k_max, config.precision, mesh)
+    recon = sq / (b * d)
+    aux_loss = jnp.zeros((), jnp.float32)
+    if config.aux_k > 0 and stale is not None:
+        args = (params, x - params.b_dec, -err, stale)
+        aux = jax.lax.cond(jnp.any(dead_mask(stale, config)), functools.partial(auxk.auxk, config=config),
+                           functools.partial(auxk.no_auxk, config=config), *args)
+        aux_loss = aux.loss
+        g_wdec = g_wdec.at[aux.idx].add(aux.W_dec)
+        g_wenc = g_wenc.at[aux.idx].add(aux.W_enc)
+        rows = rows.at[aux.idx].add(aux.b_enc)
+    g_bdec = sum_dxhat - jnp.dot(rows, params.W_enc, precision=jax.lax.Precision.HIGHEST)
+    grads = SAEParams(W_enc=g_wenc, b_enc=rows, W_dec=g_wdec, b_dec=g_bdec,
+                      extra={name: jnp.zeros_like(v) for name, v in params.extra.items()})
+    zero = jnp.zeros((), jnp.float32)
+    return Forward(loss=recon + aux_loss, mse=recon, penalty=zero, aux_loss=aux_loss, f=None,
+                   x_hat=x_hat, grads=grads, stats={}, active=(a, idx))
 
 
 def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "F D"]:

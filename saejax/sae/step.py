@@ -26,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 from saejax.config import ConfigError
 from saejax.parallel import check_divisible, named_sharding, optimizer_shardings, replicated
 from saejax.sae import gradcheck, model, registry, schedule
+from saejax.sae import sparse as sparse_kernel
 from saejax.sae.config import SAEConfig
 from saejax.sae.geometric_median import geometric_median
 from saejax.sae.model import SAEParams
@@ -169,12 +170,14 @@ def clip_by_global_norm(grads: SAEParams, max_norm: float) -> SAEParams:
 
 
 def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: bool = False,
-                  k_max: int | None = None
+                  k_max: int | None = None, sparse: bool | None = None, mesh: Mesh | None = None
                   ) -> Callable[[TrainState, Float[Array, "B D"]], tuple[TrainState, dict[str, Array]]]:
     """The un-jitted step (for composition and tests); :func:`make_train_step` jits it.
 
     ``anneal``: the program for the steps while k is annealed (:mod:`saejax.sae.schedule`).
     ``k_max``: the static bound of a traced ``config.k`` (sweeps, :mod:`saejax.sae.sweep_step`).
+    ``sparse``: the sparse TopK kernel (:mod:`saejax.sae.sparse`); None: its cost model.
+    ``mesh``: the mesh the step runs on (the sparse kernel's ``shard_map``).
     """
     arch = registry.get_architecture(config.architecture)
     lr_scheduled = config.lr_warmup_steps > 0 or config.lr_decay_fraction > 0
@@ -183,7 +186,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         x = batch.astype(jnp.float32).reshape(-1, config.d_in)
         params = state.params
         ctx = model.train_context(config, state.step, anneal, k_max)
-        out = model.forward_backward(params, x, config, stale=state.step - state.last_fired, ctx=ctx)
+        out = model.forward_backward(params, x, config, stale=state.step - state.last_fired, ctx=ctx,
+                                     sparse=sparse, mesh=mesh)
         grads = out.grads
         if config.decoder == "unit":
             grads = grads.replace(W_dec=model.project_decoder_grad(grads.W_dec, params.W_dec))
@@ -209,8 +213,13 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         # sum(|sign(f)|) in f32 (exact below 2^24 rows) is one fused read of f on XLA:CPU;
         # sum(f > 0) first wrote a [B, F] f32 mask (19 vs 6 ms at B = F = 4,096). A NaN
         # feature (a non-finite batch, which the step refuses anyway) counts as silent.
-        counts = jnp.sum(jnp.abs(jnp.sign(out.f)), axis=0)
-        counts = jnp.where(jnp.isnan(counts), 0.0, counts).astype(jnp.int32)
+        if out.active is None:
+            counts = jnp.sum(jnp.abs(jnp.sign(out.f)), axis=0)
+            counts = jnp.where(jnp.isnan(counts), 0.0, counts).astype(jnp.int32)
+        else:  # the sparse step: (values, indices) [B, k]
+            a, idx = out.active
+            counts = jnp.zeros((config.n_features,), jnp.int32).at[idx.reshape(-1)].add(
+                (a > 0).reshape(-1).astype(jnp.int32))
         finite = jnp.isfinite(out.loss) & _all_finite(grads)
         step_next = state.step + 1
         last_fired = jnp.where(counts > 0, step_next, state.last_fired)
@@ -225,8 +234,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         total_var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
         b = x.shape[0]
         dead = model.dead_mask(step_next - new_state.last_fired, config)
-        l1_rows = jnp.sum(jnp.abs(out.f), axis=-1)
-        if model.cpu_layout():
+        l1_rows = jnp.sum(jnp.abs(out.f if out.active is None else out.active[0]), axis=-1)
+        if model.cpu_layout() and out.active is None:
             # Same per-input sums as the ReLU penalty's; on XLA:CPU the barrier stops XLA
             # from merging them into one [B, F] reduction, so both share one pass over f.
             l1_rows = jax.lax.optimization_barrier(l1_rows)
@@ -274,13 +283,14 @@ def make_train_step(config: SAEConfig, mesh: Mesh
     """
     check_mesh(config, mesh)
     config.check_schedule()
-    gradcheck.check_backward(config)
+    sparse = check_kernel(config, mesh)
+    gradcheck.check_backward(config, sparse=sparse)
     opt = make_optimizer(config)
     s_sh = state_shardings(config, mesh)
     b_sh = named_sharding(mesh, BATCH_AXES)
 
     def build(anneal: bool):
-        fn = train_step_fn(config, opt, anneal)
+        fn = train_step_fn(config, opt, anneal, sparse=sparse, mesh=mesh)
         names = jax.eval_shape(fn, abstract_state(config, mesh),
                                jax.ShapeDtypeStruct((8, config.d_in), jnp.float32))[1].keys()
         return jax.jit(fn, in_shardings=(s_sh, b_sh), out_shardings=(s_sh, metric_shardings(mesh, names)),
@@ -318,6 +328,15 @@ def make_train_step(config: SAEConfig, mesh: Mesh
 
     train_step.jitted = jitted
     return train_step
+
+
+def check_kernel(config: SAEConfig, mesh: Mesh) -> bool:
+    """Whether the step runs the sparse kernel on ``mesh`` (ConfigError if asked for and impossible)."""
+    if config.step_kernel == "sparse":
+        why = sparse_kernel.supports(config, mesh)
+        if why is not None:
+            raise ConfigError(f"config field 'sae.step_kernel' = 'sparse' is invalid here: {why}")
+    return sparse_kernel.use_sparse(config, mesh)
 
 
 def should_resample(config: SAEConfig, step: int) -> bool:

@@ -42,9 +42,9 @@ from saejax.config import ConfigError
 from saejax.parallel import check_divisible, named_sharding
 from saejax.sae import gradcheck, memory, registry, schedule
 from saejax.sae.config import SAEConfig
-from saejax.sae.step import (BATCH_AXES, TrainState, abstract_state, check_live, check_mesh,
-                             init_state, make_optimizer, metric_shardings, state_shardings,
-                             train_step_fn)
+from saejax.sae.step import (BATCH_AXES, TrainState, abstract_state, check_kernel, check_live,
+                             check_mesh, init_state, make_optimizer, metric_shardings,
+                             state_shardings, train_step_fn)
 
 # SAEConfig fields in which the members of one group may differ. ``seed`` only changes the
 # initial state; the others are read inside the step (TRACED).
@@ -158,7 +158,7 @@ def member_setter(group: Group, mesh: Mesh) -> Callable[[TrainState, TrainState,
 # ---------------------------------------------------------------------------------------
 
 
-def group_step_fn(group: Group, anneal: bool = False):
+def group_step_fn(group: Group, anneal: bool = False, sparse: bool = False, mesh: Mesh | None = None):
     """The un-jitted step of a group: ``(stack, batch) -> (stack, metrics [N, ...])``."""
     config = group.config
     hyper = {f: jnp.asarray(v) for f, v in group.hyper().items()}
@@ -167,7 +167,7 @@ def group_step_fn(group: Group, anneal: bool = False):
 
     def member(state: TrainState, x: Float[Array, "B D"], i) -> tuple[TrainState, dict]:
         cfg = traced_config(config, {f: hyper[f][i] for f in traced}) if traced else config
-        return train_step_fn(cfg, make_optimizer(cfg), anneal, k_max)(state, x)
+        return train_step_fn(cfg, make_optimizer(cfg), anneal, k_max, sparse, mesh)(state, x)
 
     def step(stack: TrainState, x: Float[Array, "B D"]):
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stack)
@@ -199,12 +199,13 @@ def make_group_step(group: Group, mesh: Mesh):
     check_mesh(config, mesh)
     for c in group.configs:
         c.check_schedule()
-    gradcheck.check_backward(config)
+    sparse = check_kernel(dataclasses.replace(config, k=group.k_max), mesh)  # the largest k decides
+    gradcheck.check_backward(config, sparse=sparse)
     s_sh = stacked_shardings(group, mesh)
     b_sh = named_sharding(mesh, BATCH_AXES)
 
     def build(anneal: bool):
-        fn = group_step_fn(group, anneal)
+        fn = group_step_fn(group, anneal, sparse, mesh)
         names = jax.eval_shape(fn, abstract_stack(group, mesh),
                                jax.ShapeDtypeStruct((8, config.d_in), jnp.float32))[1].keys()
         m_sh = {k: _stack_sharding(v) for k, v in metric_shardings(mesh, names).items()}

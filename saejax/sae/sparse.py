@@ -1,0 +1,166 @@
+"""The sparse TopK step: after the encoder, work on the k active features of each input only.
+
+A dense TopK step costs five B x D x F matmuls although each input has only k non-zero
+features. Here only the encoder stays dense (x_bar W_enc^T and the top-k); the rest runs on
+the [B, k] values ``a`` and indices ``idx``:
+
+    x_hat  = b_dec + sum_j a[:, j] W_dec[idx[:, j]]            k fused gather-multiply-adds
+    d_a    = <d_xhat, W_dec[idx[:, j]]>  for each j             k fused gather-dots
+    d_pre  = d_a where a > 0 (TopK's gradient reaches the kept positive values only)
+    dW_dec[idx[b, j]] += a[b, j] d_xhat[b]                        scatter-adds, in chunks of
+    dW_enc[idx[b, j]] += d_pre[b, j] x_bar[b]                     CHUNK rows (the [CHUNK k, D]
+    db_enc[idx[b, j]] += d_pre[b, j]                              update stays in cache)
+
+The same loss and gradient as the dense path (:func:`saejax.sae.model.forward_backward`),
+up to float summation order, with one difference on a measure-zero event: the dense path
+keeps every entry tied with the k-th largest value, this one exactly k. Adam stays exact:
+the gradient is dense [F, D] (zero rows where no input chose a feature), and the optimizer
+is the same.
+
+On XLA:CPU how it is written decides the speed (measured, 2-core AVX-512): the gathers
+must not be fused into the top-k's consumers (an ``optimization_barrier`` after the top-k;
+without it XLA recomputed the top-k for each of the k gathers, 8.7 s instead of 0.2 s at
+B = F = 4,096), and the scatter-adds run as a ``lax.scan`` over row chunks (a single
+scatter-add of the whole [B k, D] update was ~4x slower).
+
+Sharding: under a mesh whose dictionary is not split (``mesh.model`` = 1) the kernel runs
+per device in ``shard_map`` on its rows of the batch and sums the gradients over "data";
+a dictionary split over "model" would need the top-k merged across shards and is not
+supported here (:func:`supports` says so; the dense path serves it).
+
+:func:`use_sparse` is the cost model that picks this path for ``SAEConfig.step_kernel =
+"auto"``.
+
+Legend: B batch, D input width, F features, k active features per input.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, Float, Int
+
+from saejax import parallel
+from saejax.sae.matmul import mm as _mm
+
+CHUNK = 128  # batch rows per scatter-add update (k * CHUNK * D floats: 8 MB at k 32, D 512)
+# "auto" picks the sparse step when F >= RATIO * k: on XLA:CPU measured (benchmarks/
+# RESULTS.md); on GPU and TPU a guess to be measured (the dense matmuls are much faster
+# there relative to gathers).
+RATIO = {"cpu": 32, "gpu": 128, "tpu": 256}
+SPARSE_ARCHITECTURES = ("topk",)
+
+
+def supports(config, mesh: Mesh | None = None) -> str | None:
+    """None if the sparse step can run ``config`` on ``mesh``, else why not (one line)."""
+    if config.architecture not in SPARSE_ARCHITECTURES:
+        return (f"architecture {config.architecture!r} has no sparse step (only "
+                f"{', '.join(SPARSE_ARCHITECTURES)}: a fixed k per input)")
+    return mesh_problem(mesh)
+
+
+def use_sparse(config, mesh: Mesh | None = None, backend: str | None = None) -> bool:
+    """The step kernel for ``config``: ``step_kernel`` "sparse" / "dense", or the cost model."""
+    if config.step_kernel == "dense":
+        return False
+    if config.step_kernel == "sparse":
+        return True
+    if supports(config, mesh) is not None:
+        return False
+    backend = backend or jax.default_backend()
+    k = max(config.k, config.k_anneal_start or 0)
+    return config.n_features >= RATIO.get(backend, RATIO["gpu"]) * k
+
+
+def _chunked_scatter(idx: Int[Array, "B k"], coef: Float[Array, "B k"], rows: Float[Array, "B D"],
+                     n_features: int) -> Float[Array, "F D"]:
+    """out[idx[b, j]] += coef[b, j] rows[b], as a scan over chunks of CHUNK rows."""
+    b, k = idx.shape
+    d = rows.shape[-1]
+    ch = CHUNK if b % CHUNK == 0 else b
+    n = b // ch
+
+    def body(acc, c):
+        i, a, r = c
+        return acc.at[i.reshape(-1)].add((a[:, :, None] * r[:, None, :]).reshape(-1, d)), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((n_features, d), jnp.float32),
+                          (idx.reshape(n, ch, k), coef.reshape(n, ch, k), rows.reshape(n, ch, d)))
+    return acc
+
+
+def _gather_rows(w: Float[Array, "F D"], idx: Int[Array, "B k"], coef: Float[Array, "B k"]) -> Float[Array, "B D"]:
+    """sum_j coef[:, j] w[idx[:, j]] (a loop over k that XLA fuses into one pass)."""
+    out = coef[:, 0, None] * w[idx[:, 0]]
+    for j in range(1, idx.shape[1]):
+        out = out + coef[:, j, None] * w[idx[:, j]]
+    return out
+
+
+def _gather_dots(w: Float[Array, "F D"], idx: Int[Array, "B k"], v: Float[Array, "B D"]) -> Float[Array, "B k"]:
+    """<v[b], w[idx[b, j]]> for each j."""
+    return jnp.stack([jnp.sum(v * w[idx[:, j]], axis=-1) for j in range(idx.shape[1])], axis=1)
+
+
+def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global_rows: int,
+           axis: str | None):
+    """The kernel on one device's rows; gradients summed over ``axis`` (None: one device)."""
+    b, d = x.shape
+    f = params.W_enc.shape[0]
+    x_bar = x - params.b_dec
+    pre = _mm(x_bar, params.W_enc, precision, contract=(1, 1)) + params.b_enc        # the one matmul
+    vals, idx = jax.lax.top_k(pre, k_max)
+    a = jax.nn.relu(vals)
+    if not isinstance(k, int) or k != k_max:
+        a = jnp.where(jnp.arange(k_max) < k, a, 0.0)  # k annealed: the first k of k_max
+    # Without the barrier XLA fuses the top-k into each of the k gathers' consumers.
+    a, idx = jax.lax.optimization_barrier((a, idx))
+    x_hat = params.b_dec + _gather_rows(params.W_dec, idx, a)
+    err = x_hat - x
+    d_xhat = jax.lax.optimization_barrier(err * (2.0 / (global_rows * d)))
+    d_pre = jnp.where(a > 0, _gather_dots(params.W_dec, idx, d_xhat), 0.0)
+    g_wdec = _chunked_scatter(idx, a, d_xhat, f)
+    g_wenc = _chunked_scatter(idx, d_pre, x_bar, f)
+    rows = jnp.zeros((f,), jnp.float32).at[idx.reshape(-1)].add(d_pre.reshape(-1))
+    sq = jnp.sum(jnp.square(err))
+    sum_dxhat = jnp.sum(d_xhat, axis=0)
+    if axis is not None:
+        g_wdec, g_wenc, rows, sq, sum_dxhat = jax.lax.psum((g_wdec, g_wenc, rows, sq, sum_dxhat), axis)
+    return a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat
+
+
+def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Mesh | None):
+    """(a [B, k], idx [B, k], err, x_hat, sum of squared errors, dW_dec, dW_enc, db_enc via
+    pre, sum of d_xhat): the sparse forward and backward of the reconstruction."""
+    b = x.shape[0]
+    if mesh is None or mesh.size == 1:
+        return _local(params, x, k, k_max, precision, b, None)
+    problem = mesh_problem(mesh)
+    if problem:
+        raise ValueError(problem)
+    data = parallel.logical_to_spec(("batch",))[0]
+    rows, rep = PartitionSpec(data, None), PartitionSpec()
+    static_k = isinstance(k, int)
+
+    def local(p, xx, *kk):
+        return _local(p, xx, k if static_k else kk[0], k_max, precision, b, data)
+
+    args = (params, x) if static_k else (params, x, jnp.asarray(k, jnp.int32))
+    in_specs = (jax.tree.map(lambda _: rep, params), rows) + (() if static_k else (rep,))
+    out_specs = (rows, rows, rows, rows, rep, rep, rep, rep, rep)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+
+
+def mesh_problem(mesh: Mesh | None) -> str | None:
+    """Why ``mesh`` cannot run the sparse step (a split dictionary), or None."""
+    if mesh is None:
+        return None
+    axis = parallel.logical_to_spec(("latent",))[0]
+    if axis is not None and mesh.shape[axis] > 1:
+        return (f"the sparse step needs the dictionary whole on each device; mesh axis "
+                f"{axis!r} splits it into {mesh.shape[axis]} shards (use mesh.model=1 or "
+                f"sae.step_kernel='dense')")
+    return None
