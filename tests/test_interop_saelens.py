@@ -200,7 +200,7 @@ def test_apply_b_dec_false_and_log_threshold_are_rewritten_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_lm_dir, tmp_path_factory):
-    """A tiny SAE run on the tiny LM: 10 steps, evaluations (and training density) at 5, 10."""
+    """A tiny SAE run on the tiny LM: 10 steps, one evaluation (and training density) at 10."""
     from experiments import sae_tiny
     from saejax.config import from_config
     from saejax.train import train
@@ -209,7 +209,7 @@ def tiny_run(tiny_lm_dir, tmp_path_factory):
     cd = sae_tiny.get_config()
     cd.lm.dir = tiny_lm_dir
     cd.workdir = str(tmp_path_factory.mktemp("sae_run"))
-    cd.update_from_flattened_dict({"num_steps": 10, "eval.every": 5, "checkpoint.every": 10,
+    cd.update_from_flattened_dict({"num_steps": 10, "eval.every": 10, "checkpoint.every": 10,
                                    "sae.resample_steps": (), "progress_bar": False,
                                    "sae.architecture": "topk", "sae.k": 8})
     train(from_config(SAETrainConfig, cd))

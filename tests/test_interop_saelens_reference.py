@@ -86,7 +86,7 @@ def test_export_loads_in_saelens_with_equal_encode_and_decode(case, tmp_path):
     assert sae.cfg.apply_b_dec_to_input and sae.cfg.normalize_activations == "none"
 
     x = activations()
-    f = np.asarray(bundle.encode(jnp.asarray(x)))
+    f = np.array(bundle.encode(jnp.asarray(x)))  # a writable copy for torch.from_numpy
     x_hat = np.asarray(bundle.decode(jnp.asarray(f)))
     with torch.no_grad():
         f_sl = sae.encode(torch.from_numpy(x)).numpy()

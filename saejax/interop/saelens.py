@@ -60,6 +60,7 @@ import os
 import re
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -176,7 +177,8 @@ def export_saelens(out_dir: str, bundle: SAEBundle, *, model_name: str | None = 
       out_dir: the folder; created, and refused when it holds other files unless
         ``overwrite`` (then cfg.json and the safetensors files are replaced, each
         atomically).
-      bundle: any saejax dictionary (sharded or not; gathered to the host).
+      bundle: any saejax dictionary (sharded or not). Its arrays are gathered to the host,
+        a collective in a multi-process run: call it on every process; process 0 writes.
       model_name: ``metadata.model_name`` (the LM the dictionary reads).
       context_size: ``metadata.context_size``, the tokens per context it was trained on.
       density: the firing fraction of each feature [F] in [0, 1]; written as
@@ -213,6 +215,8 @@ def export_saelens(out_dir: str, bundle: SAEBundle, *, model_name: str | None = 
            "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta, "architecture": arch, **arch_cfg}
 
+    if jax.process_index() != 0:  # every process gathered (a collective); one writes
+        return out_dir
     ours = {CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME}
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} is not empty; pass overwrite=True (--overwrite) to "
