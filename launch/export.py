@@ -110,6 +110,9 @@ def main(argv):
     except FileNotFoundError as e:
         raise cli.UsageError(f"--workdir: {e}") from None
     density = read_density(FLAGS.workdir, bundle.n_features)
+    if density is not None and FLAGS.density == "train" and FLAGS.step is not None:
+        print(f"export: warning: the training density is the run's last evaluation window, "
+              f"not necessarily step {FLAGS.step}'s; --density=none omits it", file=sys.stderr)
     model_name, context_size = lm_facts(record)
     try:
         out = export_saelens(FLAGS.out, bundle, model_name=FLAGS.model_name or model_name,

@@ -44,8 +44,10 @@ def test_every_site_maps_to_its_transformer_lens_hook_and_back():
         assert site_from_hook(hook) == f"blocks.3.{kind}"
     for hook in ("blocks.0.attn.hook_z", "hook_embed", "blocks.x.hook_resid_pre", None):
         assert site_from_hook(hook) is None
-    with pytest.raises(ValueError, match="not a saejax site"):
-        hook_name("mlp.post")  # the short form is not a canonical site
+    assert hook_name("mlp.post") == "blocks.0.mlp.hook_post"  # the short form is layer 0
+    for bad in ("blocks.1.mlp", "mlp.hook_post", "blocks.a.resid.pre"):
+        with pytest.raises(ValueError, match="is not a saejax site"):
+            hook_name(bad)
 
 
 def bundle_of(arch, seed=0, **cfg):
@@ -111,9 +113,12 @@ def test_density_overwrite_and_refusals(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="other than a SAELens export"):
         export_saelens(str(tmp_path / "other"), bundle, overwrite=True)
-    for bad in (np.ones(F + 1), np.full(F, 1.5), np.full(F, np.nan)):
-        with pytest.raises(SAELensFormatError, match=r"density must be .* shape \(32,\)"):
+    with pytest.raises(SAELensFormatError, match=r"shape \(32,\); got shape \(33,\)"):
+        export_saelens(str(tmp_path / "d"), bundle, density=np.ones(F + 1))
+    for bad in (np.full(F, 1.5), np.full(F, np.nan), np.full(F, -0.1)):
+        with pytest.raises(SAELensFormatError, match=r"in \[0, 1\]; got values in"):
             export_saelens(str(tmp_path / "d"), bundle, density=bad)
+    assert not (tmp_path / "d").exists()  # nothing written
 
 
 def edited(tmp_path, cfg=None, tensors=None, drop=()):
@@ -137,6 +142,7 @@ BAD = {
     "architecture": ({"architecture": "abstopk"}, None, (),
                      r"architecture 'abstopk' is not supported \(saejax reads 'standard', 'topk', "
                      r"'jumprelu', 'gated'\)"),
+    "training_batchtopk": ({"architecture": "batchtopk"}, None, (), "save_inference_model"),
     "layer_norm": ({"normalize_activations": "layer_norm"}, None, (),
                    r"normalize_activations='layer_norm' is not supported: .* per-input layer norm"),
     "expected_average": ({"normalize_activations": "expected_average_only_in"}, None, (),
@@ -268,3 +274,7 @@ def test_export_cli_on_a_tiny_run(tiny_lm_dir, tiny_run, tmp_path):
     rc, stdout, stderr = run_export(f"--workdir={tiny_run}", f"--out={out}")  # already there
     assert rc == 2 and stderr.strip().count("\n") == 0, stderr
     assert stderr.startswith("export: --out:") and "not empty" in stderr
+    rc, _, stderr = run_export(f"--workdir={tmp_path / 'no_run'}", f"--out={tmp_path / 'x'}")
+    assert rc == 2 and stderr.strip().count("\n") == 0, stderr
+    assert stderr.startswith("export: --workdir: no checkpoints in")
+    assert not (tmp_path / "x").exists()

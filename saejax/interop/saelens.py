@@ -105,11 +105,13 @@ class SAELensFormatError(ValueError):
 
 def hook_name(site: str) -> str:
     """The TransformerLens hook name of a saejax site ("blocks.0.mlp.post" ->
-    "blocks.0.mlp.hook_post"); ValueError for a name that is not a saejax site."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site)
+    "blocks.0.mlp.hook_post"; the short form "mlp.post" is layer 0); ValueError for a name
+    that is not a saejax site."""
+    full = site if site.startswith("blocks.") else f"blocks.0.{site}"
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", full)
     if not m or m.group(2) not in TL_HOOKS:
-        raise ValueError(f"site {site!r} is not a saejax site (blocks.<layer>.<kind> with kind "
-                         f"in {list(TL_HOOKS)})")
+        raise ValueError(f"site {site!r} is not a saejax site ([blocks.<layer>.]<kind> with "
+                         f"kind in {list(TL_HOOKS)})")
     return f"blocks.{m.group(1)}.{TL_HOOKS[m.group(2)]}"
 
 
@@ -199,9 +201,12 @@ def export_saelens(out_dir: str, bundle: SAEBundle, *, model_name: str | None = 
     sparsity = None
     if density is not None:
         d = np.asarray(parallel.to_host(density), np.float64)
-        if d.shape != (f,) or not np.all(np.isfinite(d)) or d.min() < 0 or d.max() > 1:
+        if d.shape != (f,):
             raise SAELensFormatError(f"density must be the firing fraction of each feature, "
-                                     f"shape ({f},) in [0, 1]; got shape {d.shape}")
+                                     f"shape ({f},); got shape {d.shape}")
+        if not (np.all(np.isfinite(d)) and d.min() >= 0 and d.max() <= 1):
+            raise SAELensFormatError(f"density must be the firing fraction of each feature, "
+                                     f"in [0, 1]; got values in [{d.min()}, {d.max()}]")
         sparsity = np.log10(d + SPARSITY_EPS).astype(np.float32)
     site = site if site is not None else bundle.site
     meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
@@ -292,8 +297,10 @@ def _architecture(path: str, cfg: dict[str, Any]) -> tuple[str, int | None]:
     if arch == "standard" and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk":
         arch, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k")
     if arch not in IMPORTED_AS:
+        hint = (" (a SAELens training checkpoint: save it with save_inference_model, which "
+                "writes a jumprelu SAE)" if arch in ("batchtopk", "matryoshka_batchtopk") else "")
         raise _fail(path, f"architecture {arch!r} is not supported (saejax reads "
-                          f"{', '.join(repr(a) for a in IMPORTED_AS)})")
+                          f"{', '.join(repr(a) for a in IMPORTED_AS)}){hint}")
     if arch == "topk" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise _fail(path, f"a topk SAE needs an integer k >= 1 in {CFG_FILENAME}, got {k!r}")
     return arch, k
