@@ -40,6 +40,7 @@ flags.DEFINE_bool("overwrite", False, "replace an export already in --out")
 
 FLAGS = flags.FLAGS
 DENSITY_FILE = "train_feature_density.npy"  # written by saejax.train at each evaluation
+WARNINGS: list[str] = []
 
 
 def lm_facts(record) -> tuple[str | None, int | None]:
@@ -67,8 +68,8 @@ def lm_facts(record) -> tuple[str | None, int | None]:
         store = read_metadata(record.lm.token_store) if record.lm.token_store else None
         lengths.append(store.get("seq_len") if store else None)
     except (OSError, ValueError, KeyError) as e:
-        print(f"export: warning: could not read the LM's context length ({e}); pass "
-              f"--context_size", file=sys.stderr)
+        WARNINGS.append(f"could not read the LM's context length ({e}); metadata.context_size "
+                        f"is null (pass --context_size)")
         return name, None
     known = [int(n) for n in lengths if n]
     return name, min(known) if known else None
@@ -82,14 +83,17 @@ def read_density(workdir: str, n_features: int):
     path = os.path.join(workdir, DENSITY_FILE) if FLAGS.density == "train" else FLAGS.density
     if not os.path.isfile(path):
         if FLAGS.density == "train" and not FLAGS["density"].present:
-            print(f"export: warning: {workdir!r} has no {DENSITY_FILE} (no evaluation ran); "
-                  f"writing no sparsity.safetensors", file=sys.stderr)
+            WARNINGS.append(f"{workdir!r} has no {DENSITY_FILE} (no evaluation ran); wrote no "
+                            f"sparsity.safetensors")
             return None
         raise cli.UsageError(f"--density: no file {path!r}")
     try:
         density = np.load(path, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, OSError, EOFError) as e:
         raise cli.UsageError(f"--density: {path!r} is not a .npy array ({e})") from None
+    if not isinstance(density, np.ndarray):  # an .npz archive
+        density.close()
+        raise cli.UsageError(f"--density: {path!r} is not a .npy array (an .npz archive)")
     if density.shape != (n_features,):
         raise cli.UsageError(f"--density: {path!r} has shape {density.shape}, the dictionary has "
                              f"{n_features} features")
@@ -111,8 +115,8 @@ def main(argv):
         raise cli.UsageError(f"--workdir: {e}") from None
     density = read_density(FLAGS.workdir, bundle.n_features)
     if density is not None and FLAGS.density == "train" and FLAGS.step is not None:
-        print(f"export: warning: the training density is the run's last evaluation window, "
-              f"not necessarily step {FLAGS.step}'s; --density=none omits it", file=sys.stderr)
+        WARNINGS.append(f"the training density is the run's last evaluation window, not "
+                        f"necessarily step {FLAGS.step}'s; --density=none omits it")
     model_name, context_size = lm_facts(record)
     try:
         out = export_saelens(FLAGS.out, bundle, model_name=FLAGS.model_name or model_name,
@@ -123,6 +127,8 @@ def main(argv):
     print(json.dumps({"out": out, "format": FLAGS.format, "step": record.step,
                       "architecture": bundle.config.architecture,
                       "sparsity": density is not None}))
+    for line in WARNINGS:  # after the export: an error stays the only line on stderr
+        print(f"export: warning: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":
