@@ -180,3 +180,29 @@ def test_saelens_batchtopk_training_sae_saved_for_inference_imports(tmp_path):
     assert 0.03 < (f_sl > 0).mean() < 0.9
     np.testing.assert_array_equal(f > 0, f_sl > 0)
     assert rel(f, f_sl) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+def test_pre_6_config_reads_as_saelens_reads_it(arch, tmp_path):
+    """A cfg.json of the pre-6.0 layout (run keys top-level, hook_point, TopK as an
+    activation_fn, a bool normalize_activations): SAELens and saejax read the same SAE."""
+    sae = saelens_sae(arch, **({"k": 5} if arch == "topk" else {}))
+    sae.save_model(str(tmp_path / "sl"))
+    old = {"d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": False, "hook_point": "blocks.1.mlp.hook_pre",
+           "hook_point_layer": 1, "model_name": "gelu-1l", "context_size": 64,
+           "sae_lens_version": "3.5.0", "activation_fn_str": "topk" if arch == "topk" else "relu",
+           "activation_fn_kwargs": {"k": 5} if arch == "topk" else {}}
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(old))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
+    bundle, info = load_saelens(str(tmp_path / "sl"))
+    assert type(theirs).__name__ == {"standard": "StandardSAE", "topk": "TopKSAE"}[arch]
+    assert bundle.config.architecture == {"standard": "relu"}.get(arch, arch)
+    assert bundle.site == "blocks.1.mlp.pre" and info["context_size"] == 64
+    x = (np.random.default_rng(5).normal(0, 1, (N, D)) + 0.2).astype(np.float32)
+    with torch.no_grad():
+        f_sl = theirs.encode(torch.from_numpy(x)).numpy()
+    f = np.asarray(bundle.encode(jnp.asarray(x)))
+    assert 0.03 < (f_sl > 0).mean() < 0.9
+    np.testing.assert_array_equal(f > 0, f_sl > 0)
+    assert rel(f, f_sl) <= 1e-5

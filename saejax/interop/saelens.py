@@ -45,7 +45,8 @@ and saejax's bundle cannot is refused in one line; what can be rewritten exactly
 float rounding) is: ``apply_b_dec_to_input`` false moves b_dec W_enc into the encoder
 biases, TopK's ``rescale_acts_by_decoder_norm`` folds the decoder norms into the encoder
 (as SAELens' own inference save does), a training ``log_threshold`` becomes exp of it, and
-bfloat16 / float16 weights are read as float32. The bundle's config carries the
+bfloat16 / float16 weights are read as float32; a config written before SAELens 6.0 is
+read the way SAELens reads it (``handle_pre_6_0_config``). The bundle's config carries the
 architecture and k; its training fields are defaults (an imported dictionary is for
 analysis, not for resuming training). A ReLU dictionary gets ``decoder = "free"``, as its
 rows need not have unit norm.
@@ -289,13 +290,37 @@ def _read_cfg(path: str) -> dict[str, Any]:
     return cfg
 
 
+def _pre_6(cfg: dict[str, Any]) -> bool:
+    """A config written before SAELens 6.0 (no version, or a version < 6), as SAELens'
+    ``handle_config_defaulting`` decides."""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+    m = re.match(r"(\d+)", str(version or ""))
+    return not m or int(m.group(1)) < 6
+
+
+def _from_pre_6(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A pre-6.0 config in 6.x form, as SAELens' ``handle_pre_6_0_config`` rewrites it: run
+    keys are top-level (``hook_point`` = ``hook_name``), "topk" is an ``activation_fn``
+    with ``activation_fn_kwargs.k``, ``normalize_activations`` may be a bool."""
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+               "activation_fn_str": "activation_fn"}
+    new = {renames.get(k, k): v for k, v in cfg.items()}
+    if new.get("activation_fn") == "topk" and (new.get("activation_fn_kwargs") or {}).get("k"):
+        new["architecture"], new["k"] = "topk", new["activation_fn_kwargs"]["k"]
+    norm = new.get("normalize_activations")
+    if norm is None or isinstance(norm, bool):
+        new["normalize_activations"] = "expected_average_only_in" if norm else "none"
+    new.setdefault("architecture", "standard")
+    meta = {k: new[k] for k in ("model_name", "hook_name", "hook_head_index", "context_size",
+                                "prepend_bos", "sae_lens_version", "dataset_path") if k in new}
+    new["metadata"] = {**meta, **(new.get("metadata") or {})}
+    return new
+
+
 def _architecture(path: str, cfg: dict[str, Any]) -> tuple[str, int | None]:
-    """(SAELens architecture, k or None), also for the pre-6.0 format (SAELens'
-    ``handle_pre_6_0_config``: "standard" unless activation_fn "topk" with a k)."""
-    arch = cfg.get("architecture", "standard")
-    k = cfg.get("k")
-    if arch == "standard" and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk":
-        arch, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k")
+    """(SAELens architecture, k or None)."""
+    arch, k = cfg.get("architecture"), cfg.get("k")
     if arch not in IMPORTED_AS:
         hint = (" (a SAELens training checkpoint: save it with save_inference_model, which "
                 "writes a jumprelu SAE)" if arch in ("batchtopk", "matryoshka_batchtopk") else "")
@@ -332,6 +357,8 @@ def load_saelens(path: str) -> tuple[SAEBundle, dict[str, Any]]:
         missing / unexpected tensors, wrong shapes, a fine-tuning scaling factor).
     """
     cfg = _read_cfg(path)
+    if _pre_6(cfg):
+        cfg = _from_pre_6(cfg)
     arch, k = _architecture(path, cfg)
     d, f = cfg.get("d_in"), cfg.get("d_sae")
     for name, v in (("d_in", d), ("d_sae", f)):
@@ -403,9 +430,8 @@ def load_saelens(path: str) -> tuple[SAEBundle, dict[str, Any]]:
                        decoder="free" if arch == "standard" else "unit",
                        **({"k": k} if arch == "topk" else {}))
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    get = lambda key: meta.get(key, cfg.get(key))  # noqa: E731 - pre-6.0 keys are top-level
-    hook = get("hook_name") or cfg.get("hook_point")
-    site = site_from_hook(hook) if get("hook_head_index") is None else None
+    hook = meta.get("hook_name")
+    site = site_from_hook(hook) if meta.get("hook_head_index") is None else None
     log10_density = None
     sparsity_path = os.path.join(path, SPARSITY_FILENAME)
     if os.path.isfile(sparsity_path):
@@ -414,8 +440,8 @@ def load_saelens(path: str) -> tuple[SAEBundle, dict[str, Any]]:
             raise _fail(path, f"{SPARSITY_FILENAME} must hold 'sparsity' of shape ({f},)")
         log10_density = s["sparsity"]
     bundle = SAEBundle(params=params, config=config, normalizer=Normalizer(), site=site)
-    info = {"architecture": arch, "hook_name": hook, "model_name": get("model_name"),
-            "context_size": get("context_size"), "metadata": meta,
+    info = {"architecture": arch, "hook_name": hook, "model_name": meta.get("model_name"),
+            "context_size": meta.get("context_size"), "metadata": meta,
             "log10_density": log10_density}
     return bundle, info
 
