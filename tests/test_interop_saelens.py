@@ -16,8 +16,8 @@ import safetensors.numpy
 
 from saejax import parallel
 from saejax.config import MeshConfig
-from saejax.interop.saelens import (SAELensFormatError, export_saelens, hook_name,
-                                    load_saelens, site_from_hook)
+from saejax.interop.saelens import (SAELensFormatError, density_from_log10, export_saelens,
+                                    hook_name, load_saelens, site_from_hook)
 from saejax.lm.sites import SITE_KINDS
 from saejax.normalize import Normalizer
 from saejax.sae.bundle import SAEBundle
@@ -105,6 +105,7 @@ def test_density_overwrite_and_refusals(tmp_path):
     export_saelens(out, bundle, density=density)
     _, info = load_saelens(out)
     np.testing.assert_allclose(info["log10_density"], np.log10(density + 1e-10), rtol=1e-6)
+    np.testing.assert_allclose(density_from_log10(info["log10_density"]), density, atol=1e-6)
     with pytest.raises(FileExistsError, match="not empty"):
         export_saelens(out, bundle)
     export_saelens(out, bundle, overwrite=True)  # no density: the old sparsity file goes

@@ -1,7 +1,7 @@
 """The SAELens on-disk format: export any saejax dictionary, import SAELens folders.
 
 A SAELens SAE is a folder (SAELens 6.x, ``sae_lens/constants.py``; verified against
-sae-lens 6.54 by ``tests/test_interop_saelens.py``)::
+sae-lens 6.54 by ``tests/test_interop_saelens_reference.py``)::
 
     cfg.json                  d_in, d_sae, dtype, device, apply_b_dec_to_input,
                               normalize_activations, reshape_activations, architecture,
