@@ -1,6 +1,7 @@
 # saejax: `make demo` runs the main job on the embedded default corpus; `make test` runs the tests.
 # Both create (or refresh, when pyproject.toml changed) the local .venv first: the demo needs
-# only saejax's own dependencies, the tests add the dev and hf (torch, transformers) extras.
+# only saejax's own dependencies, the tests add the dev and hf (torch, transformers,
+# sae-lens) extras.
 
 PYTHON ?= $(shell for p in python3.12 python3.11 python3; do command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $$p && break; done)
 VENV   ?= .venv

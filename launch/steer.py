@@ -11,7 +11,9 @@ feature's decoder direction.
 The dictionary comes from an SAE training run (``--workdir``, latest checkpoint or
 ``--step``), whose run record names the LM and token store, or from an export
 (``--sae=file.npz``, :func:`saejax.sae.bundle.save_bundle`), whose ``extra`` metadata may
-name ``lm_dir`` and ``store_dir``. ``--lm_dir`` / ``--store_dir`` override either.
+name ``lm_dir`` and ``store_dir``, or a SAELens SAE folder (``--sae=folder``,
+:func:`saejax.interop.saelens.load_saelens`; give ``--lm_dir`` and ``--store_dir``).
+``--lm_dir`` / ``--store_dir`` override either.
 """
 
 import json
@@ -26,8 +28,8 @@ from saejax import cli  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "SAE training workdir (saejax.train checkpoints)")
 flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default latest)")
-flags.DEFINE_string("sae", None, "SAE export (.npz, saejax.sae.bundle.save_bundle) "
-                    "instead of --workdir")
+flags.DEFINE_string("sae", None, "SAE export (.npz, saejax.sae.bundle.save_bundle) or "
+                    "SAELens SAE folder instead of --workdir")
 flags.DEFINE_string("lm_dir", None, "LM training workdir or HF GPT-2 directory "
                     "(default: the SAE export's extra['lm_dir'])")
 flags.DEFINE_string("store_dir", None, "token store whose tokenizer to use (default: the "
@@ -55,7 +57,12 @@ def load_inputs(sae_path: str | None, workdir: str | None, step: int | None,
     from saejax.sae.bundle import load_bundle
 
     try:
-        if sae_path:
+        if sae_path and os.path.isdir(sae_path):
+            from saejax.interop.saelens import load_saelens
+
+            sae, _ = load_saelens(sae_path)
+            extra = {}
+        elif sae_path:
             sae, extra = load_bundle(sae_path)
         else:
             sae, record = load_sae(workdir, step=step)

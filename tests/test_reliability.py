@@ -524,6 +524,23 @@ TABLE = [  # (script, args, exit code, what the one line must say)
     ("steer.py", ["--feature=99999", "--value=1", "--workdir={sae_run}"], 2,
      r"--feature=99999 is out of range: the dictionary has 256 features"),
     ("steer.py", [*STEER, "--workdir={arrays_run}"], 2, r"names no LM site"),
+    ("export.py", ["--workdir={missing}", "--out={missing}"], 2,
+     r"--workdir: no checkpoints in .*no such directory"),
+    ("export.py", ["--workdir={sae_run}", "--out={tokens}"], 2, r"--out: .* is not empty"),
+    ("export.py", ["--workdir={sae_run}", "--out={tokens}", "--overwrite"], 2,
+     r"--out: .* holds files other than a SAELens export"),
+    ("export.py", ["--workdir={sae_run}", "--out={missing}", "--density={notnpy}"], 2,
+     r"--density: .*notnpy.npy' is not a .npy array"),
+    ("export.py", ["--workdir={sae_run}", "--out={missing}", "--density={bogus_npz}"], 2,
+     r"--density: .*bogus.npz' is not a .npy array"),
+    ("export.py", ["--workdir={sae_run}", "--out={missing}", "--density={vec}"], 2,
+     r"--density: .*vec.npy' has shape \(10,\), the dictionary has 256 features"),
+    ("export.py", ["--workdir={sae_run}", "--out={missing}", "--density={missing}.npy"], 2,
+     r"--density: no file"),
+    ("export.py", ["--workdir={sae_run}", "--out={missing}", "--context_size=0"], 2,
+     r"--context_size=0 must be >= 1"),
+    ("export.py", ["--workdir={sae_run}", "--out={missing}", "--format=onnx"], 2,
+     r"--format.*onnx"),
 ]
 
 

@@ -13,9 +13,12 @@ are plain JSON-serialisable structures.
                                            tokenizer=store.tokenizer())
     features.save_stats(stats, "runs/x/analysis/features.json")
     dashboard.write_dashboard(stats, "runs/x/analysis/dashboard", metrics_path=...)
+
+A SAELens SAE folder reads into the same kind of bundle: ``bundle, info = load_saelens(path)``.
 """
 
+from saejax.interop.saelens import load_saelens
 from saejax.record import load_sae
 from saejax.sae.bundle import SAEBundle, load_bundle, save_bundle
 
-__all__ = ["SAEBundle", "load_bundle", "load_sae", "save_bundle"]
+__all__ = ["SAEBundle", "load_bundle", "load_sae", "load_saelens", "save_bundle"]
