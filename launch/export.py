@@ -1,6 +1,7 @@
 """Exports a trained dictionary to another tool's format (SAELens).
 
     python launch/export.py --workdir=runs/sae/tiny --format=saelens --out=exports/tiny
+    python launch/export.py --workdir=runs/demo/sweep --member=topk_k24 --out=exports/k24
 
 Writes a SAELens SAE folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) that
 ``sae_lens.SAE.load_from_disk`` reads (:mod:`saejax.interop.saelens`: the input
@@ -29,6 +30,7 @@ from saejax import cli  # noqa: E402
 flags.DEFINE_string("workdir", None, "SAE training workdir (launch/train_sae.py's "
                     "--config.workdir)", required=True)
 flags.DEFINE_integer("step", None, "checkpoint step (default latest)")
+flags.DEFINE_string("member", None, "the dictionary of a sweep's workdir to export")
 flags.DEFINE_enum("format", "saelens", ["saelens"], "export format")
 flags.DEFINE_string("out", None, "output folder", required=True)
 flags.DEFINE_string("model_name", None, "metadata.model_name (default: the LM directory's name)")
@@ -110,10 +112,12 @@ def main(argv):
     if FLAGS.context_size is not None and FLAGS.context_size < 1:
         raise cli.UsageError(f"--context_size={FLAGS.context_size} must be >= 1")
     try:
-        bundle, record = load_sae(FLAGS.workdir, step=FLAGS.step)
+        bundle, record = load_sae(FLAGS.workdir, step=FLAGS.step, member=FLAGS.member)
     except FileNotFoundError as e:
         raise cli.UsageError(f"--workdir: {e}") from None
-    density = read_density(FLAGS.workdir, bundle.n_features)
+    # A sweep member's files (its training density) live in <workdir>/members/<name>.
+    files = os.path.join(FLAGS.workdir, "members", FLAGS.member) if FLAGS.member else FLAGS.workdir
+    density = read_density(files, bundle.n_features)
     if density is not None and FLAGS.density == "train" and FLAGS.step is not None:
         WARNINGS.append(f"the training density is the run's last evaluation window, not "
                         f"necessarily step {FLAGS.step}'s; --density=none omits it")
@@ -124,7 +128,7 @@ def main(argv):
                              overwrite=FLAGS.overwrite)
     except FileExistsError as e:
         raise cli.UsageError(f"--out: {e}") from None
-    print(json.dumps({"out": out, "format": FLAGS.format, "step": record.step,
+    print(json.dumps({"out": out, "format": FLAGS.format, "step": record.step, "member": FLAGS.member,
                       "architecture": bundle.config.architecture,
                       "sparsity": density is not None}))
     for line in WARNINGS:  # after the export: an error stays the only line on stderr

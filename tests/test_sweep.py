@@ -245,6 +245,27 @@ def test_restore_run_and_export_of_a_member(swept, tmp_path):
     assert_trees_equal(again.params, summary["bundles"]["topk_8"].params, "export")
 
 
+def test_a_member_exports_to_saelens_from_the_cli(swept, tmp_path):
+    from saejax.interop.saelens import load_saelens
+
+    cfg, summary = swept
+    out = tmp_path / "k16"
+    proc = subprocess.run([sys.executable, f"{ROOT}/launch/export.py", f"--workdir={cfg.workdir}",
+                           "--member=topk_16", f"--out={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["member"] == "topk_16"
+    assert json.load(open(out / "cfg.json"))["k"] == 16
+    imported, _ = load_saelens(str(out))
+    acts = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 3
+    want = np.asarray(summary["bundles"]["topk_16"].encode(acts))
+    np.testing.assert_allclose(np.asarray(imported.encode(acts)), want, rtol=1e-5, atol=1e-5)
+    bad = subprocess.run([sys.executable, f"{ROOT}/launch/export.py", f"--workdir={cfg.workdir}",
+                          f"--out={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "export: ") and "pass member=<name>" in bad.stderr
+
+
 def test_a_single_runs_workdir_refuses_member_and_a_sweep_refuses_it(swept, tiny_lm_dir, tmp_path):
     from experiments import sae_tiny
 

@@ -117,12 +117,16 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
         a = jnp.where(jnp.arange(k_max) < k, a, 0.0)  # k annealed: the first k of k_max
     # Without the barrier XLA fuses the top-k into each of the k gathers' consumers.
     a, idx = jax.lax.optimization_barrier((a, idx))
-    x_hat = params.b_dec + _gather_rows(params.W_dec, idx, a)
+    # bf16: the inputs of what the dense path's matmuls compute are rounded to bf16, as
+    # there (their products are exact in f32, the sums f32).
+    r = (lambda z: z.astype(jnp.bfloat16).astype(jnp.float32)) if precision == "bf16" else (lambda z: z)  # noqa: E731
+    w_dec = r(params.W_dec)
+    x_hat = params.b_dec + _gather_rows(w_dec, idx, r(a))
     err = x_hat - x
     d_xhat = jax.lax.optimization_barrier(err * (2.0 / (global_rows * d)))
-    d_pre = jnp.where(a > 0, _gather_dots(params.W_dec, idx, d_xhat), 0.0)
-    g_wdec = _chunked_scatter(idx, a, d_xhat, f)
-    g_wenc = _chunked_scatter(idx, d_pre, x_bar, f)
+    d_pre = jnp.where(a > 0, _gather_dots(w_dec, idx, r(d_xhat)), 0.0)
+    g_wdec = _chunked_scatter(idx, r(a), r(d_xhat), f)
+    g_wenc = _chunked_scatter(idx, r(d_pre), r(x_bar), f)
     rows = jnp.zeros((f,), jnp.float32).at[idx.reshape(-1)].add(d_pre.reshape(-1))
     sq = jnp.sum(jnp.square(err))
     sum_dxhat = jnp.sum(d_xhat, axis=0)

@@ -1,0 +1,145 @@
+"""The sparse TopK step (saejax.sae.sparse): equal to the dense step (loss, gradients,
+metrics, AuxK, k annealing), sharded equal to one device, the cost model and its refusals."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax.config import ConfigError
+from saejax.sae import model, sparse
+from saejax.sae import sweep_step as sw
+from saejax.sae.config import SAEConfig
+from saejax.sae.gradcheck import check_backward
+from saejax.sae.step import init_state, make_train_step
+
+
+def mesh_of(devices, d, m):
+    return jax.sharding.Mesh(np.array(devices[:d * m]).reshape(d, m), ("data", "model"))
+
+
+def problem(seed=0, b=512, d=32, f=256):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((b, d)).astype(np.float32) * 2 + 0.3)
+    cfg = SAEConfig(d_in=d, n_features=f, architecture="topk", k=8)
+    params = model.init_params(jax.random.PRNGKey(seed), cfg, jnp.full((d,), 0.1, jnp.float32))
+    params = params.replace(b_enc=jnp.asarray(rng.standard_normal(f).astype(np.float32) * 0.1))
+    return cfg, params, x
+
+
+@pytest.mark.parametrize("case", ["plain", "annealed_k", "auxk", "bf16"])
+def test_sparse_forward_backward_equals_the_dense_one(case):
+    cfg, params, x = problem()
+    stale, ctx = None, None
+    if case == "annealed_k":
+        cfg = dataclasses.replace(cfg, k_anneal_start=24, k_anneal_fraction=0.5, total_steps=100)
+        ctx = model.train_context(cfg, jnp.int32(20), anneal=True)  # k_t between 24 and 8
+        assert 8 < int(ctx.k) < 24
+    if case == "auxk":
+        cfg = dataclasses.replace(cfg, aux_k=16, dead_window=5)
+        stale = jnp.asarray(np.random.default_rng(1).integers(0, 10, cfg.n_features), jnp.int32)
+        assert int(jnp.sum(stale >= 5)) > 16
+    if case == "bf16":
+        cfg = dataclasses.replace(cfg, precision="bf16")
+    dense = model.forward_backward(params, x, cfg, stale=stale, ctx=ctx, sparse=False)
+    sp = model.forward_backward(params, x, cfg, stale=stale, ctx=ctx, sparse=True)
+    assert sp.f is None and dense.active is None
+    a, idx = sp.active
+    f_sparse = jnp.zeros_like(dense.f).at[jnp.arange(x.shape[0])[:, None], idx].set(a)
+    np.testing.assert_array_equal(np.asarray(f_sparse), np.asarray(dense.f))
+    if case == "auxk":
+        assert float(sp.aux_loss) > 0
+    # Float32 sums in another order (k gathered rows vs a matmul over F): differences at the
+    # scale of float32 rounding of the largest entries (with bf16 both round the same inputs).
+    tol = 1e-5
+    for name in ("loss", "mse", "aux_loss", "x_hat"):
+        want = np.asarray(getattr(dense, name))
+        np.testing.assert_allclose(np.asarray(getattr(sp, name)), want, rtol=tol,
+                                   atol=0.1 * tol * np.max(np.abs(want)), err_msg=name)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        want = np.asarray(getattr(dense.grads, name))
+        np.testing.assert_allclose(np.asarray(getattr(sp.grads, name)), want, rtol=tol,
+                                   atol=0.1 * tol * np.max(np.abs(want)), err_msg=name)
+
+
+def test_the_sparse_backward_passes_the_autodiff_check():
+    check_backward(SAEConfig(d_in=32, n_features=256, architecture="topk", k=8), sparse=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (8, 1), (4, 1)])
+def test_sparse_steps_equal_dense_steps_on_one_device(shape, devices):
+    """12 steps with AuxK live: parameters, Adam state and metrics as the dense step's
+    (float tolerance), on one device and data-parallel (shard_map)."""
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((12, 512, 32)).astype(np.float32) * 2
+    cfg = SAEConfig(d_in=32, n_features=1024, architecture="topk", k=4, aux_k=16, dead_window=2)
+    one = mesh_of(devices, 1, 1)
+    ref, dense = init_state(dataclasses.replace(cfg, step_kernel="dense"), one, xs[0]), \
+        make_train_step(dataclasses.replace(cfg, step_kernel="dense"), one)
+    mesh = mesh_of(devices, *shape)
+    sp_cfg = dataclasses.replace(cfg, step_kernel="sparse")
+    st, step = init_state(sp_cfg, mesh, xs[0]), make_train_step(sp_cfg, mesh)
+    aux = []
+    for t in range(12):
+        ref, m_ref = dense(ref, jnp.asarray(xs[t]))
+        st, m = step(st, jnp.asarray(xs[t]))
+        aux.append(float(m["aux_loss"]))
+        for k in ("l0", "frac_dead", "feature_counts"):
+            np.testing.assert_array_equal(np.asarray(m[k]), np.asarray(m_ref[k]), err_msg=f"{k} step {t}")
+        np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-5)
+    assert max(aux) > 0  # AuxK ran
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, st)),
+                    jax.tree.leaves(jax.tree.map(np.asarray, ref)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (8, 1)])
+def test_a_sweep_group_runs_the_sparse_step_member_for_member(shape, devices):
+    """Bit for bit on one device; data-parallel (the kernel's shard_map inside the group's
+    loop) to float rounding: XLA orders the gradient sums of the loop body differently."""
+    mesh = mesh_of(devices, *shape)
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((6, 256, 32)).astype(np.float32)
+    base = SAEConfig(d_in=32, n_features=256, architecture="topk", k=4, step_kernel="sparse")
+    configs = [base, dataclasses.replace(base, k=8, lr=3e-3, seed=1)]
+    (group,) = sw.make_groups(["a", "b"], configs)
+    stack, gstep = sw.init_stack(group, mesh, xs[0]), sw.make_group_step(group, mesh)
+    for t in range(6):
+        stack, _ = gstep(stack, jnp.asarray(xs[t]))
+    get = sw.member_getter(group, mesh)
+    for i, c in enumerate(configs):
+        alone, step = init_state(c, mesh, xs[0]), make_train_step(c, mesh)
+        for t in range(6):
+            alone, _ = step(alone, jnp.asarray(xs[t]))
+        for a, b in zip(jax.tree.leaves(get(stack, i)), jax.tree.leaves(alone), strict=True):
+            if shape == (1, 1):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            else:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_the_cost_model_and_the_override():
+    topk = SAEConfig(d_in=512, n_features=4096, architecture="topk", k=32)
+    assert sparse.use_sparse(topk, backend="cpu")
+    assert not sparse.use_sparse(dataclasses.replace(topk, n_features=512), backend="cpu")
+    assert not sparse.use_sparse(dataclasses.replace(topk, step_kernel="dense"), backend="cpu")
+    assert sparse.use_sparse(dataclasses.replace(topk, n_features=512, step_kernel="sparse"), backend="cpu")
+    # k annealing starts at the larger k, which decides.
+    assert not sparse.use_sparse(dataclasses.replace(topk, k_anneal_start=256, k_anneal_fraction=0.1,
+                                                     total_steps=100), backend="cpu")
+    assert not sparse.use_sparse(SAEConfig(d_in=512, n_features=65536, architecture="batchtopk", k=32),
+                                 backend="cpu")
+
+
+def test_refusals_are_one_line(devices):
+    with pytest.raises(ConfigError, match=r"'sae.step_kernel' = 'sparse' is invalid: cannot be 'sparse': "
+                                          r"architecture 'relu' has no sparse step"):
+        SAEConfig(d_in=8, n_features=64, step_kernel="sparse")
+    cfg = SAEConfig(d_in=8, n_features=64, architecture="topk", k=4, step_kernel="sparse")
+    with pytest.raises(ConfigError, match=r"the sparse step needs the dictionary whole on each device; "
+                                          r"mesh axis 'model' splits it into 4 shards"):
+        make_train_step(cfg, mesh_of(devices, 2, 4))
+    auto = dataclasses.replace(cfg, step_kernel="auto", n_features=4096)
+    assert not sparse.use_sparse(auto, mesh_of(devices, 2, 4), backend="cpu")  # auto: dense there
