@@ -31,6 +31,9 @@ def _parse():
     p.add_argument("--precisions", type=str, default="f32,bf16")
     p.add_argument("--architectures", type=str, default="relu",
                    help="SAE architectures, comma separated (k = 32 where k applies)")
+    p.add_argument("--kernels", type=str, default="auto",
+                   help="step kernels (auto,dense,sparse; sparse only for topk); flops of the "
+                        "sparse step are reported as the dense step's (dense-equivalent)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--reps", type=int, default=10, help="timed steps (at most; see --max-seconds)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="stop timing a config after this")
@@ -87,10 +90,16 @@ def _child(args) -> list[dict]:
     for f in [int(v) for v in args.features.split(",")]:
         wb = jax.random.normal(k, (d, f), jnp.float32)
         jax.block_until_ready(dot(xa, wb))
-        for prec, arch, (data, model) in [(p_, a_, m_) for p_ in args.precisions.split(",")
-                                          for a_ in args.architectures.split(",") for m_ in meshes]:
+        for prec, arch, (data, model), kern in [(p_, a_, m_, k_) for p_ in args.precisions.split(",")
+                                                for a_ in args.architectures.split(",") for m_ in meshes
+                                                for k_ in args.kernels.split(",")]:
+            if kern == "sparse" and (arch != "topk" or model > 1):
+                continue
+            from saejax.sae.sparse import use_sparse
+
             mesh = make_mesh(MeshConfig(data=data, model=model))
-            cfg = SAEConfig(d_in=d, n_features=f, precision=prec, architecture=arch, k=32)
+            cfg = SAEConfig(d_in=d, n_features=f, precision=prec, architecture=arch, k=32,
+                            step_kernel=kern)
             x = jax.device_put(jax.random.normal(k, (b, d), jnp.float32) + 1.0,
                                named_sharding(mesh, ("batch", "d_in")))
             state = init_state(cfg, mesh, x[:1024])
@@ -114,6 +123,7 @@ def _child(args) -> list[dict]:
             peaks[key] = max(peaks.get(key, 0.0), 2 * b * d * f / min(mm_times))
             paired = float(np.median(5 * np.asarray(mm_times) / np.asarray(times)))
             rows.append(dict(devices=n, mesh=f"{data}x{model}", d=d, f=f, precision=prec, batch=b, architecture=arch,
+                             kernel=("sparse" if use_sparse(cfg, mesh) else "dense") + f" ({kern})",
                              reps=len(times), best_s=t, median_s=float(np.median(times)),
                              tokens_per_s=b / t, flops=5 * 2 * b * d * f / t, paired=paired))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
