@@ -2,7 +2,7 @@
 
 Reads ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
 from a directory; nothing is downloaded and neither torch nor transformers is needed (the
-safetensors format is parsed here with NumPy). GPT-2 specifics: Conv1D weights are stored
+``safetensors`` package's NumPy API reads the tensors). GPT-2 specifics: Conv1D weights are stored
 [in, out] (already our x @ W layout, i.e. transposed relative to nn.Linear), the fused c_attn
 columns are (q | k | v) with heads contiguous, the unembedding is tied to wte, LayerNorm
 eps from the config (1e-5), activation ``gelu_new`` (tanh GELU).
@@ -14,39 +14,35 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from saejax.lm.config import ModelConfig
 from saejax.lm.model import Transformer, abstract_model
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
                 "relu": "relu"}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as NumPy arrays (header + raw little-endian)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        lo, hi = info["data_offsets"]
-        arr = np.frombuffer(data[lo:hi], dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
-        out[name] = arr.reshape(info["shape"])
-    return out
+    """All tensors of one ``.safetensors`` file as NumPy arrays (bf16 as ml_dtypes.bfloat16)."""
+    try:
+        return safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes NumPy arrays (contiguous copies) to one ``.safetensors`` file."""
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+                                metadata=metadata)
 
 
 def _read_weights(directory: str) -> dict[str, np.ndarray]:
