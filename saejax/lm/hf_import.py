@@ -4,8 +4,10 @@ Reads ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensor
 from a directory; nothing is downloaded and neither torch nor transformers is needed (the
 ``safetensors`` package's NumPy API reads the tensors). GPT-2 specifics: Conv1D weights are stored
 [in, out] (already our x @ W layout, i.e. transposed relative to nn.Linear), the fused c_attn
-columns are (q | k | v) with heads contiguous, the unembedding is tied to wte, LayerNorm
-eps from the config (1e-5), activation ``gelu_new`` (tanh GELU).
+columns are (q | k | v) with heads contiguous, the unembedding is tied to wte unless
+``tie_word_embeddings`` is false (then ``lm_head.weight``, as :mod:`saejax.lm.hf_export`
+writes an untied model), LayerNorm eps from the config (1e-5), activation ``gelu_new``
+(tanh GELU).
 
 Legend: D d_model, M d_mlp, V vocab, H heads, K head width, N positions.
 """
@@ -77,7 +79,8 @@ def gpt2_model_config(hf: dict) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], max_len=hf["n_positions"], d_model=d,
                        n_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d,
                        n_layers=hf["n_layer"], activation=_ACTIVATIONS[act],
-                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True)
+                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
 def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
@@ -123,9 +126,16 @@ def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
             "mlp": {"w_in": get(h + "mlp.c_fc.weight"), "b_in": get(h + "mlp.c_fc.bias"),
                     "w_out": get(h + "mlp.c_proj.weight"), "b_out": get(h + "mlp.c_proj.bias")},
         }
-    if "lm_head.weight" in w and not np.array_equal(w["lm_head.weight"], w[prefix + "wte.weight"]):
-        raise ValueError("lm_head.weight differs from wte.weight: untied GPT-2 heads are not "
-                         "supported")
+    if cfg.tie_embeddings:
+        if "lm_head.weight" in w and not np.array_equal(w["lm_head.weight"],
+                                                        w[prefix + "wte.weight"]):
+            raise ValueError(f"{directory}: lm_head.weight differs from wte.weight but "
+                             f"config.json says tie_word_embeddings=true")
+    else:
+        if "lm_head.weight" not in w:
+            raise KeyError(f"{directory}: missing tensor 'lm_head.weight' "
+                           f"(tie_word_embeddings=false)")
+        values["w_u"] = np.asarray(w["lm_head.weight"], np.float32).T
     expected = nnx.to_pure_dict(abstract)
     _check_shapes(expected, values)
     nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, values))
