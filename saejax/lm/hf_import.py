@@ -1,4 +1,8 @@
-"""Bring your own model: a local Hugging Face GPT-2-architecture checkpoint -> Transformer.
+"""Bring your own model: a local Hugging Face checkpoint folder -> saejax's LM.
+
+:func:`load_hf` dispatches on ``config.json``'s ``model_type``: GPT-2 here (onto
+:class:`Transformer`), GPT-NeoX / Pythia and Llama in :mod:`saejax.lm.hf_families` (onto
+:class:`saejax.lm.families.RotaryTransformer`).
 
 Reads ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
 from a directory; nothing is downloaded and neither torch nor transformers is needed (the
@@ -63,6 +67,60 @@ def _read_weights(directory: str) -> dict[str, np.ndarray]:
                             f"{directory!r} (save the model with safe_serialization=True)")
 
 
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
+
+
+def read_hf_config(directory: str) -> dict:
+    """``directory/config.json`` as a dict, with one-line errors for what is missing."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory (expected a Hugging Face "
+                                f"save_pretrained folder)")
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {directory!r} (expected a Hugging Face "
+                                f"save_pretrained folder)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_hf(directory: str, *, compute_dtype: str = "float32"):
+    """Loads a local HF checkpoint folder by its ``model_type``.
+
+    "gpt2" gives a :class:`Transformer` (:func:`load_gpt2`); "gpt_neox" (Pythia) and "llama"
+    give a :class:`saejax.lm.families.RotaryTransformer` (:mod:`saejax.lm.hf_families`).
+    Both take the same forward call, sites and interventions.
+
+    Args:
+      directory: holds ``config.json`` and ``model.safetensors`` (or a sharded index).
+      compute_dtype: matmul dtype of the resulting model (parameters are float32).
+    """
+    hf = read_hf_config(directory)
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        return load_gpt2(directory, compute_dtype=compute_dtype)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{directory}: unsupported model_type {kind!r} in config.json; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    from saejax.config import replace
+    from saejax.lm import hf_families
+    from saejax.lm.families import abstract_family_model
+
+    try:
+        cfg = hf_families.CONFIGS[kind](hf)
+    except KeyError as e:
+        raise ValueError(f"{directory}/config.json: missing field {e.args[0]!r}") from None
+    if compute_dtype != cfg.compute_dtype:
+        cfg = replace(cfg, compute_dtype=compute_dtype)
+    values = hf_families.VALUES[kind](cfg, _read_weights(directory), directory)
+    graphdef, abstract = nnx.split(abstract_family_model(cfg), nnx.Param)
+    _check_shapes(nnx.to_pure_dict(abstract), values)
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, values))
+    return nnx.merge(graphdef, abstract)
+
+
 def gpt2_model_config(hf: dict) -> ModelConfig:
     """Our ModelConfig for a GPT-2 ``config.json`` dict; rejects variants we do not implement."""
     if hf.get("model_type") != "gpt2":
@@ -93,9 +151,7 @@ def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
     Returns:
       The model; its forward matches ``GPT2LMHeadModel`` (logits and MLP activations).
     """
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    cfg = gpt2_model_config(hf)
+    cfg = gpt2_model_config(read_hf_config(directory))
     if compute_dtype != cfg.compute_dtype:
         from saejax.config import replace
 

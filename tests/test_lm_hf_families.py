@@ -1,0 +1,211 @@
+"""Bring your own model: random local GPT-NeoX (Pythia) and Llama checkpoints built with
+transformers (no download) == our import, for logits, sites, interventions and generation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax.lm import sites as S
+from saejax.lm.families import RotaryTransformer
+from saejax.lm.hf_import import load_hf
+from saejax.lm.restore import load_lm
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V, T = 97, 24
+# name -> (HF class, config kwargs). Heads of 16 channels; Pythia rotates a quarter / half.
+CONFIGS = {
+    "pythia_parallel": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(
+        hidden_size=64, num_attention_heads=4, intermediate_size=160, rotary_pct=0.25,
+        rotary_emb_base=500, use_parallel_residual=True, layer_norm_eps=1e-5)),
+    "pythia_sequential": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(
+        hidden_size=64, num_attention_heads=4, intermediate_size=96, rotary_pct=0.5,
+        use_parallel_residual=False, layer_norm_eps=3e-5, hidden_act="gelu_new")),
+    "llama_gqa": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        rope_theta=5000.0, rms_norm_eps=1e-5)),
+    "llama_tied_bias": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        intermediate_size=80, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+}
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    out = {}
+    for name, (model_cls, cfg_cls, kw) in CONFIGS.items():
+        cfg = getattr(transformers, cfg_cls)(vocab_size=V, num_hidden_layers=2,
+                                             max_position_embeddings=2 * T, **kw)
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(cfg).eval()
+        with torch.no_grad():  # non-trivial norms and biases (HF initialises them to 1 / 0)
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d, safe_serialization=True)
+        out[name] = (str(d), model)
+    return out
+
+
+def _mlp_modules(hf, i):
+    if hasattr(hf, "gpt_neox"):
+        layer = hf.gpt_neox.layers[i]
+        return layer.attention, layer.mlp, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h
+    layer = hf.model.layers[i]
+    return layer.self_attn, layer.mlp, layer.mlp.gate_proj, layer.mlp.down_proj
+
+
+def _hf_run(hf, toks, replace_post=None):
+    """HF logits and per-layer attn.out, mlp.pre (gate for SwiGLU), mlp.post (the down
+    projection's input) and mlp.out; ``replace_post(i, x)`` edits mlp.post."""
+    captured, hooks = {}, []
+    for i in range(hf.config.num_hidden_layers):
+        attn, mlp, first, down = _mlp_modules(hf, i)
+
+        def grab(key):
+            return lambda mod, inp, out: captured.__setitem__(
+                key, (out[0] if isinstance(out, tuple) else out).detach().numpy().copy())
+
+        def pre_down(mod, inp, i=i):
+            x = inp[0] if replace_post is None else replace_post(i, inp[0])
+            captured[f"post{i}"] = x.detach().numpy().copy()
+            return (x,)
+
+        hooks += [attn.register_forward_hook(grab(f"attn{i}")),
+                  first.register_forward_hook(grab(f"pre{i}")),
+                  down.register_forward_pre_hook(pre_down),
+                  mlp.register_forward_hook(grab(f"out{i}"))]
+    with torch.no_grad():
+        logits = hf(torch.tensor(toks)).logits.numpy()
+    for h in hooks:
+        h.remove()
+    return logits, captured
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_sites_match_transformers(hf_models, name):
+    directory, hf = hf_models[name]
+    ours = load_hf(directory)
+    assert isinstance(ours, RotaryTransformer) and ours.cfg.n_layers == 2
+    toks = np.random.default_rng(0).integers(0, V, (3, T))
+    ref, captured = _hf_run(hf, toks)
+    names = [f"blocks.{i}.{k}" for i in range(2) for k in ("attn.out", "mlp.pre", "mlp.post",
+                                                          "mlp.out")]
+    out = ours(jnp.asarray(toks, jnp.int32), sites=names)
+    assert _rel(out.logits, ref) <= 1e-4
+    for i in range(2):
+        for kind, key in (("attn.out", "attn"), ("mlp.pre", "pre"), ("mlp.post", "post"),
+                          ("mlp.out", "out")):
+            assert _rel(out.acts[f"blocks.{i}.{kind}"], captured[f"{key}{i}"]) <= 1e-4, (kind, i)
+    # Only-activations forward stops early and gives the same values.
+    early = ours(jnp.asarray(toks, jnp.int32), sites=("blocks.0.mlp.post",), logits=False)
+    np.testing.assert_allclose(early.acts["blocks.0.mlp.post"], out.acts["blocks.0.mlp.post"],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_config_details_are_read(hf_models):
+    par = load_hf(hf_models["pythia_parallel"][0]).cfg
+    assert (par.rotary_dim, par.rope_theta, par.parallel_residual, par.norm) == (4, 500.0, True,
+                                                                                "layernorm")
+    seq = load_hf(hf_models["pythia_sequential"][0]).cfg
+    assert (seq.rotary_dim, seq.parallel_residual, seq.activation, seq.norm_eps) == (
+        8, False, "gelu_new", 3e-5)
+    gqa = load_hf(hf_models["llama_gqa"][0]).cfg
+    assert (gqa.n_heads, gqa.n_kv_heads, gqa.rope_theta, gqa.gated_mlp, gqa.tie_embeddings) == (
+        4, 2, 5000.0, True, False)
+    tied = load_hf(hf_models["llama_tied_bias"][0]).cfg
+    assert (tied.d_head, tied.tie_embeddings, tied.attn_bias, tied.mlp_bias) == (32, True, True,
+                                                                                 True)
+
+
+@pytest.mark.parametrize("name", ["pythia_parallel", "llama_gqa"])
+def test_interventions_match_hf_edits(hf_models, name):
+    directory, hf = hf_models[name]
+    ours = load_hf(directory)
+    toks = np.random.default_rng(1).integers(0, V, (2, T))
+    rng = np.random.default_rng(2)
+    vec = rng.normal(size=ours.cfg.d_mlp).astype(np.float32)
+    ref, _ = _hf_run(hf, toks, replace_post=lambda i, x: x + 0.5 * torch.tensor(vec) if i == 1
+                     else torch.zeros_like(x))
+    ivs = (S.Ablate.zero("blocks.0.mlp.post"),
+           S.Add(site="blocks.1.mlp.post", vector=jnp.asarray(vec), scale=0.5))
+    got = ours(jnp.asarray(toks, jnp.int32), interventions=ivs).logits
+    assert _rel(got, ref) <= 1e-4
+    clean, _ = _hf_run(hf, toks)
+    assert _rel(got, clean) > 1e-2  # the edit matters
+
+
+def test_greedy_generation_with_kv_cache_matches_transformers(hf_models):
+    from saejax.lm.generate import generate
+
+    directory, hf = hf_models["llama_gqa"]
+    ours = load_hf(directory)
+    prompts = np.random.default_rng(3).integers(0, V, (2, 5))
+    got = generate(ours, jnp.asarray(prompts, jnp.int32), length=16, key=jax.random.key(0),
+                   temperature=0.0)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompts), max_new_tokens=11, do_sample=False,
+                          min_new_tokens=11, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_load_lm_and_producer(hf_models, devices):
+    from saejax import parallel
+    from saejax.activations import lm_producer
+    from saejax.config import MeshConfig
+    from saejax.lm.model import split_lm
+
+    directory, _ = hf_models["pythia_parallel"]
+    model, meta = load_lm(directory)
+    assert isinstance(model, RotaryTransformer) and meta["hf_config_dir"] == directory
+    mesh = parallel.make_mesh(MeshConfig())
+    produce = lm_producer(*split_lm(model), "blocks.1.mlp.post", mesh)
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, V, (8, T)), jnp.int32)
+    acts = produce(toks)
+    assert acts.shape == (8 * T, 160)
+    want = model(toks, sites=("blocks.1.mlp.post",)).acts["blocks.1.mlp.post"]
+    np.testing.assert_allclose(np.asarray(acts), np.asarray(want).reshape(-1, 160), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_bad_inputs_fail_in_one_line(hf_models, tmp_path):
+    directory, _ = hf_models["llama_gqa"]
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+
+    def folder(name, config, weights=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        if weights:
+            os.symlink(os.path.join(directory, "model.safetensors"), d / "model.safetensors")
+        return str(d)
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_hf(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="unsupported model_type 'bert'.*gpt_neox, llama"):
+        load_hf(folder("bert", {**cfg, "model_type": "bert"}))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_hf(folder("noweights", cfg, weights=False))
+    with pytest.raises(ValueError, match="rope_type='llama3'"):
+        load_hf(folder("llama3", {**cfg, "rope_parameters": {"rope_type": "llama3",
+                                                              "rope_theta": 1e4}}))
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' has shape "
+                                         "\\(32, 64\\), config.json implies \\(64, 64\\)"):
+        load_hf(folder("mha", {**cfg, "num_key_value_heads": 4}))
+    with pytest.raises(KeyError, match="missing tensor 'model.layers.2"):
+        load_hf(folder("deeper", {**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="missing field 'hidden_size'"):
+        load_hf(folder("nohidden", {k: v for k, v in cfg.items() if k != "hidden_size"}))
