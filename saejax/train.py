@@ -73,7 +73,8 @@ def train(cfg: SAETrainConfig, *, activations=None, allow_changes: tuple[str, ..
     """
     t_start = time.perf_counter()
     mesh = parallel.make_mesh(cfg.mesh)
-    lm = restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh) if cfg.lm.dir else None
+    lm = (restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh, store_dir=cfg.lm.store_dir)
+          if cfg.lm.dir else None)
     if activations is not None and cfg.source.kind != "arrays":
         raise ConfigError(f"activations were passed, but config field 'source.kind' = "
                           f"{cfg.source.kind!r}: set it to 'arrays'")

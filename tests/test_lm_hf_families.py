@@ -209,3 +209,97 @@ def test_bad_inputs_fail_in_one_line(hf_models, tmp_path):
         load_hf(folder("deeper", {**cfg, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing field 'hidden_size'"):
         load_hf(folder("nohidden", {k: v for k, v in cfg.items() if k != "hidden_size"}))
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory):
+    """A random Llama over the byte tokenizer's 257 ids (the tiny pipeline's token store)."""
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, max_position_embeddings=32)
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("byte_llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
+def _sae_hf_config(lm_dir, store_dir, workdir):
+    from experiments import sae_hf
+
+    cd = sae_hf.get_config("mlp")
+    cd.lm.dir, cd.lm.store_dir, cd.lm.site = lm_dir, store_dir, "blocks.1.mlp.post"
+    cd.workdir = str(workdir)
+    cd.sae.update(d_in=48, n_features=128, k=8, aux_k=32, aux_candidates=64,
+                  geometric_median_iters=10)
+    cd.batch_size, cd.num_steps, cd.log_every, cd.progress_bar = 256, 12, 4, False
+    cd.source.update(lm_batch_size=16, buffer_rows=2048, norm_sample_contexts=32,
+                     window_chunks=2)
+    cd.eval.update(every=1000, contexts=16, batch_contexts=8)
+    cd.checkpoint.update(every=6, keep=2, async_save=False)
+    return cd
+
+
+def test_sae_trains_and_harvests_on_an_imported_model(byte_llama, tiny_lm_dir, tmp_path):
+    from experiments import harvest as harvest_cfg
+    from saejax.config import ConfigError, from_config
+    from saejax.data.activation_store import ActivationStore
+    from saejax.harvest import run_harvest
+    from saejax.record import load_sae
+    from saejax.train import train
+    from saejax.train_config import HarvestConfig, SAETrainConfig
+
+    store_dir = os.path.join(os.path.dirname(tiny_lm_dir), "tokens")  # conftest's byte store
+    cd = _sae_hf_config(byte_llama, store_dir, tmp_path / "sae")
+    train(from_config(SAETrainConfig, cd))
+    bundle, record = load_sae(str(tmp_path / "sae"))
+    assert record.step == 12 and record.site == "blocks.1.mlp.post"
+    assert record.lm.token_store == store_dir and record.lm.dir == byte_llama
+    e = json.loads((tmp_path / "sae" / "eval.json").read_text())  # spliced into the import
+    assert e["step"] == 12 and e["eval_data"] == "LM validation split"
+    assert np.isfinite(e["frac_loss_recovered"]) and 0 < e["l0"] <= 8
+
+    h = harvest_cfg.get_config()
+    h.update(lm_dir=byte_llama, store_dir=store_dir, site="blocks.0.resid.mid",
+             out_dir=str(tmp_path / "acts"), num_contexts=64, lm_batch_size=16,
+             sae_batch_size=256, chunk_mb=0.05)
+    run_harvest(from_config(HarvestConfig, h))
+    store = ActivationStore.open(str(tmp_path / "acts"))
+    plan = store.metadata["plan"]
+    assert store.d == 32 and plan["site"] == "blocks.0.resid.mid"
+    assert plan["tokens"]["store_dir"] == store_dir and plan["lm"]["dir"] == byte_llama
+
+    with pytest.raises(ConfigError, match="'lm.store_dir' = None is invalid: .* names no token"):
+        train(from_config(SAETrainConfig, _sae_hf_config(byte_llama, None, tmp_path / "x")))
+    bad = _sae_hf_config(byte_llama, store_dir, tmp_path / "y")
+    bad.sae.d_in = 32
+    with pytest.raises(ConfigError, match="'sae.d_in' = 32 is invalid"):
+        train(from_config(SAETrainConfig, bad))
+
+
+def test_store_vocabulary_must_fit_the_model(hf_models, tiny_lm_dir, devices):
+    from saejax import parallel
+    from saejax.activations import restore_lm_source
+    from saejax.config import ConfigError, MeshConfig
+
+    store_dir = os.path.join(os.path.dirname(tiny_lm_dir), "tokens")  # 257 ids > 97
+    with pytest.raises(ConfigError, match="257 ids, more than the LM's vocabulary of 97"):
+        restore_lm_source(hf_models["llama_gqa"][0], "mlp.post", parallel.make_mesh(MeshConfig()),
+                          store_dir=store_dir)
+
+
+def test_sae_hf_config_resolves():
+    from experiments import harvest as harvest_cfg
+    from experiments import sae_hf, sae_paper
+    from saejax.config import ConfigError, from_config
+    from saejax.train_config import HarvestConfig, LMSiteConfig, SAETrainConfig
+
+    mlp = from_config(SAETrainConfig, sae_hf.get_config("mlp"))
+    resid = from_config(SAETrainConfig, sae_hf.get_config("resid"))
+    assert (mlp.lm.site, resid.lm.site) == ("blocks.0.mlp.post", "blocks.0.resid.post")
+    assert mlp.lm.store_dir and mlp.sae.architecture == "topk"
+    assert from_config(SAETrainConfig, sae_paper.get_config("a0")).lm.store_dir is None
+    assert from_config(HarvestConfig, harvest_cfg.get_config()).store_dir is None
+    with pytest.raises(ValueError, match="unknown site argument"):
+        sae_hf.get_config("attn")
+    with pytest.raises(ConfigError, match="lm.store_dir.*read only with an LM"):
+        LMSiteConfig(dir=None, store_dir="runs/corpus/x")
