@@ -303,3 +303,66 @@ def test_sae_hf_config_resolves():
         sae_hf.get_config("attn")
     with pytest.raises(ConfigError, match="lm.store_dir.*read only with an LM"):
         LMSiteConfig(dir=None, store_dir="runs/corpus/x")
+
+
+@pytest.mark.parametrize("name,centred", [("llama_gqa", False), ("pythia_sequential", True)])
+def test_logit_effects_fold_the_final_norm_the_model_has(hf_models, name, centred):
+    from saejax.analysis import logits
+    from saejax.normalize import Normalizer
+    from saejax.sae.bundle import SAEBundle
+    from saejax.sae.config import SAEConfig
+    from saejax.sae.model import SAEParams
+
+    model = load_hf(hf_models[name][0])
+    M, F = model.cfg.d_mlp, 6
+    w = jax.random.normal(jax.random.key(0), (F, M))
+    sae = SAEBundle(SAEParams(W_enc=w, b_enc=jnp.zeros(F), W_dec=w, b_dec=jnp.zeros(M)),
+                    SAEConfig(d_in=M, n_features=F), normalizer=Normalizer(1.0),
+                    site="blocks.1.mlp.post")
+    r = np.asarray(w) @ np.asarray(model.blocks[1].mlp.w_out[...])  # [F, D]
+    gamma, w_u = np.asarray(model.ln_f.scale[...]), np.asarray(model.w_u[...])
+    want = ((r - r.mean(-1, keepdims=True)) if centred else r) * gamma @ w_u
+    other = ((r if centred else r - r.mean(-1, keepdims=True)) * gamma) @ w_u
+    assert np.abs(want - other).max() > 1e-3 * np.abs(want).max()  # the choice matters
+    np.testing.assert_allclose(logits.logit_vector(model, sae, 2), want[2], rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
+    got = logits.feature_logit_effects(model, sae, k=3)
+    np.testing.assert_array_equal(got["top_ids"], np.argsort(-want, axis=1)[:, :3])
+
+
+def test_steering_an_imported_model_matches_hf_with_the_same_edit(hf_models):
+    from saejax.analysis import steering
+    from saejax.normalize import Normalizer
+    from saejax.sae.bundle import SAEBundle
+    from saejax.sae.config import SAEConfig
+    from saejax.sae.model import SAEParams
+
+    directory, hf = hf_models["llama_gqa"]
+    model = load_hf(directory)
+    M, F = model.cfg.d_mlp, 5
+    w = jax.random.normal(jax.random.key(3), (F, M))
+    w = w / jnp.linalg.norm(w, axis=1, keepdims=True)  # W_enc[i] . W_dec[i] = 1: clamps read back
+    sae = SAEBundle(SAEParams(W_enc=w, b_enc=jnp.zeros(F), W_dec=w, b_dec=jnp.zeros(M)),
+                    SAEConfig(d_in=M, n_features=F), normalizer=Normalizer(2.0),
+                    site="blocks.0.mlp.post")
+    prompts = np.random.default_rng(5).integers(0, V, (2, 4))
+    got = steering.steer(model, sae, jnp.asarray(prompts, jnp.int32), feature=1, scale=4.0,
+                         length=14, key=jax.random.key(0), temperature=0.0)
+    d = torch.tensor(np.asarray(sae.directions()[1]))
+    hook = hf.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, inp: (inp[0] + 4.0 * d,))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompts), max_new_tokens=10, min_new_tokens=10,
+                          do_sample=False, pad_token_id=0).numpy()
+    hook.remove()
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    plain = steering.steer(model, sae, jnp.asarray(prompts, jnp.int32), feature=1, scale=0.0,
+                           length=14, key=jax.random.key(0), temperature=0.0)
+    assert (np.asarray(plain) != np.asarray(got)).any()  # the steering changed the text
+    clamp = steering.clamp_feature(sae, 2, 3.0)
+    pinned = steering.feature_activation(model, sae, jnp.asarray(prompts, jnp.int32), 2,
+                                         interventions=(clamp,))
+    active = np.asarray(steering.feature_activation(
+        model, sae, jnp.asarray(prompts, jnp.int32), 2)) > 0
+    assert active.any()  # pinned exactly where the feature fired (a ReLU reads 0 elsewhere)
+    np.testing.assert_allclose(np.asarray(pinned)[active], 3.0, rtol=1e-4)
