@@ -145,6 +145,32 @@ def test_interventions_match_hf_edits(hf_models, name):
     assert _rel(got, clean) > 1e-2  # the edit matters
 
 
+@pytest.mark.parametrize("name", ["pythia_parallel", "pythia_sequential", "llama_gqa"])
+def test_site_semantics_of_mlp_pre_and_resid_mid(hf_models, name):
+    """Adding at mlp.pre = adding to the first projection's output (SwiGLU: the gate only);
+    adding at resid.mid = adding to the attention output, also with the parallel residual
+    (where the MLP reads resid.pre, so the edit does not reach it)."""
+    directory, hf = hf_models[name]
+    ours = load_hf(directory)
+    toks = np.random.default_rng(6).integers(0, V, (2, T))
+    rng = np.random.default_rng(7)
+    v_mlp = rng.normal(size=ours.cfg.d_mlp).astype(np.float32)
+    v_res = rng.normal(size=ours.cfg.d_model).astype(np.float32)
+    attn, _, first, _ = _mlp_modules(hf, 0)
+    hooks = [first.register_forward_hook(lambda m, i, o: o + torch.tensor(v_mlp)),
+             attn.register_forward_hook(lambda m, i, o: (o[0] + torch.tensor(v_res), *o[1:]))]
+    with torch.no_grad():
+        ref = hf(torch.tensor(toks)).logits.numpy()
+    for h in hooks:
+        h.remove()
+    ivs = (S.Add(site="blocks.0.mlp.pre", vector=jnp.asarray(v_mlp)),
+           S.Add(site="blocks.0.resid.mid", vector=jnp.asarray(v_res)))
+    got = ours(jnp.asarray(toks, jnp.int32), interventions=ivs).logits
+    assert _rel(got, ref) <= 1e-4
+    clean = ours(jnp.asarray(toks, jnp.int32)).logits
+    assert _rel(got, clean) > 1e-2
+
+
 def test_greedy_generation_with_kv_cache_matches_transformers(hf_models):
     from saejax.lm.generate import generate
 
@@ -366,3 +392,21 @@ def test_steering_an_imported_model_matches_hf_with_the_same_edit(hf_models):
         model, sae, jnp.asarray(prompts, jnp.int32), 2)) > 0
     assert active.any()  # pinned exactly where the feature fired (a ReLU reads 0 elsewhere)
     np.testing.assert_allclose(np.asarray(pinned)[active], 3.0, rtol=1e-4)
+
+
+def test_bfloat16_and_sharded_checkpoints(hf_models, tmp_path):
+    _, hf = hf_models["pythia_parallel"]
+    import copy
+
+    half = copy.deepcopy(hf).to(torch.bfloat16)
+    half.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ref_model = half.float().eval()  # the same bf16-rounded weights, run in float32
+    toks = np.random.default_rng(8).integers(0, V, (2, T))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(toks)).logits.numpy()
+    ours = load_hf(str(tmp_path))
+    assert _rel(ours(jnp.asarray(toks, jnp.int32)).logits, ref) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(ours.wte[...]),
+                                  ref_model.gpt_neox.embed_in.weight.detach().numpy())
