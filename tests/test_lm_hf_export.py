@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from saejax.lm.config import ModelConfig
-from saejax.lm.hf_export import export_gpt2
+from saejax.lm.hf_export import export_gpt2, gpt2_config
 from saejax.lm.hf_import import load_gpt2
 from saejax.lm.model import build_model, split_params
 
@@ -64,11 +64,10 @@ def test_export_logits_match_transformers(tmp_path, activation, tied):
         export_gpt2(ours, out)
 
 
-def test_export_refuses_what_gpt2_cannot_express(tmp_path):
-    model = build_model(ModelConfig(vocab_size=11, max_len=8, d_model=16, n_heads=2, d_head=4,
-                                    d_mlp=32))
+def test_export_refuses_what_gpt2_cannot_express():
     with pytest.raises(ValueError, match="d_head \\* n_heads == d_model"):
-        export_gpt2(model, str(tmp_path / "x"))
+        gpt2_config(ModelConfig(vocab_size=11, max_len=8, d_model=16, n_heads=2, d_head=4,
+                                d_mlp=32))
 
 
 def test_export_launcher_on_a_trained_workdir(tiny_lm_dir, tmp_path):

@@ -24,11 +24,18 @@ CONFIGS = {
         hidden_size=64, num_attention_heads=4, intermediate_size=160, rotary_pct=0.25,
         rotary_emb_base=500, use_parallel_residual=True, layer_norm_eps=1e-5)),
     "pythia_sequential": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(
-        hidden_size=64, num_attention_heads=4, intermediate_size=96, rotary_pct=0.5,
+        hidden_size=64, num_attention_heads=4, intermediate_size=96,
+        rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0,
+                             partial_rotary_factor=0.5),
         use_parallel_residual=False, layer_norm_eps=3e-5, hidden_act="gelu_new")),
     "llama_gqa": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
         rope_theta=5000.0, rms_norm_eps=1e-5)),
+    "llama3_scaled": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96,
+        rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16,
+                             rope_theta=500000.0))),
     "llama_tied_bias": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
         intermediate_size=80, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
@@ -120,6 +127,10 @@ def test_config_details_are_read(hf_models):
     seq = load_hf(hf_models["pythia_sequential"][0]).cfg
     assert (seq.rotary_dim, seq.parallel_residual, seq.activation, seq.norm_eps) == (
         8, False, "gelu_new", 3e-5)
+    assert (seq.rope_type, seq.rope_factor) == ("linear", 2.0)
+    l3 = load_hf(hf_models["llama3_scaled"][0]).cfg
+    assert (l3.rope_type, l3.rope_factor, l3.rope_original_max_len, l3.n_kv_heads) == (
+        "llama3", 8.0, 16, 1)
     gqa = load_hf(hf_models["llama_gqa"][0]).cfg
     assert (gqa.n_heads, gqa.n_kv_heads, gqa.rope_theta, gqa.gated_mlp, gqa.tie_embeddings) == (
         4, 2, 5000.0, True, False)
@@ -225,9 +236,9 @@ def test_bad_inputs_fail_in_one_line(hf_models, tmp_path):
         load_hf(folder("bert", {**cfg, "model_type": "bert"}))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(folder("noweights", cfg, weights=False))
-    with pytest.raises(ValueError, match="rope_type='llama3'"):
-        load_hf(folder("llama3", {**cfg, "rope_parameters": {"rope_type": "llama3",
-                                                              "rope_theta": 1e4}}))
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        load_hf(folder("yarn", {**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0,
+                                                            "rope_theta": 1e4}}))
     with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' has shape "
                                          "\\(32, 64\\), config.json implies \\(64, 64\\)"):
         load_hf(folder("mha", {**cfg, "num_key_value_heads": 4}))

@@ -13,7 +13,8 @@ What :class:`FamilyConfig` covers:
 * norm: LayerNorm with bias (NeoX) or RMSNorm, scale only (Llama), eps from the config;
 * positions: rotary embeddings (rotate-half convention, as both HF implementations), on the
   first ``rotary_dim`` channels of each head (Pythia's ``rotary_pct`` < 1) with base
-  ``rope_theta``; no learned positions;
+  ``rope_theta``, unscaled or with "linear" / "llama3" (Llama 3.1) frequency scaling; no
+  learned positions;
 * attention: causal, scaled by 1/sqrt(K), grouped-query (``n_kv_heads`` divides
   ``n_heads``; query head h reads key/value head ``h // (n_heads / n_kv_heads)``, HF's
   ``repeat_kv``), optional biases; one fused [D, H + 2 Hkv, K] projection;
@@ -46,6 +47,7 @@ from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -55,6 +57,7 @@ from saejax.lm.model import (ACTIVATIONS, KVCache, LayerNorm, Output, _Hooks, _n
 from saejax.lm.sites import Intervention
 
 Norm = Literal["layernorm", "rmsnorm"]
+RopeType = Literal["default", "linear", "llama3"]
 FamilyActivation = Literal["relu", "gelu", "gelu_new", "silu"]
 DType = Literal["float32", "bfloat16"]
 FAMILY_ACTIVATIONS = {**ACTIVATIONS, "silu": jax.nn.silu}
@@ -76,6 +79,12 @@ class FamilyConfig:
       gated_mlp: SwiGLU: ``w_out(act(gate) * up)``.
       rotary_dim: rotary channels R per head (even, <= d_head; the rest carry no position).
       rope_theta: rotary base.
+      rope_type: "default", "linear" (frequencies / rope_factor) or "llama3" (Llama 3.1:
+        wavelengths above rope_original_max_len / rope_low_freq_factor divided by
+        rope_factor, below rope_original_max_len / rope_high_freq_factor kept, smoothly
+        interpolated between), as HF's ``rope_parameters``.
+      rope_factor / rope_low_freq_factor / rope_high_freq_factor / rope_original_max_len:
+        the scaling's parameters.
       parallel_residual: NeoX's ``x + attn(ln1 x) + mlp(ln2 x)``.
       attn_bias / mlp_bias: biases on the attention / MLP projections.
       tie_embeddings: unembedding = token embedding transposed.
@@ -97,6 +106,11 @@ class FamilyConfig:
     gated_mlp: bool = True
     rotary_dim: int = 16
     rope_theta: float = 10000.0
+    rope_type: RopeType = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 0
     parallel_residual: bool = False
     attn_bias: bool = False
     mlp_bias: bool = False
@@ -118,6 +132,13 @@ class FamilyConfig:
         check_choice("model.compute_dtype", self.compute_dtype, get_args(DType))
         check_positive("model.norm_eps", self.norm_eps)
         check_positive("model.rope_theta", self.rope_theta)
+        check_choice("model.rope_type", self.rope_type, get_args(RopeType))
+        check_positive("model.rope_factor", self.rope_factor)
+        if self.rope_type == "llama3":
+            check_positive("model.rope_original_max_len", self.rope_original_max_len)
+            check("model.rope_high_freq_factor", self.rope_high_freq_factor,
+                  self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+                  f"must be > rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
 
     @property
     def head_dim(self) -> int:
@@ -140,13 +161,32 @@ def _norm(cfg: FamilyConfig, rngs: nnx.Rngs) -> nnx.Module:
     return LayerNorm(cfg.d_model, cfg.norm_eps, rngs)
 
 
-def rotary(x: Float[Array, "B T N K"], positions: Int[Array, " T"], rotary_dim: int,
-           theta: float) -> Float[Array, "B T N K"]:
-    """Rotate-half rotary embedding of the first ``rotary_dim`` channels (HF's convention)."""
+def inv_frequencies(cfg: FamilyConfig) -> np.ndarray:
+    """Rotary inverse frequencies [R/2] (float32, as HF computes them), with the scaling."""
+    R = cfg.rotary_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, R, 2, dtype=np.float32) / R))
+           ).astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv = inv / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":  # Llama 3.1: long wavelengths / factor, smooth in between
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rotary(x: Float[Array, "B T N K"], positions: Int[Array, " T"],
+           inv_freq: np.ndarray) -> Float[Array, "B T N K"]:
+    """Rotate-half rotary embedding of the first ``2 len(inv_freq)`` channels (HF's convention)."""
+    rotary_dim = 2 * len(inv_freq)
     if rotary_dim == 0:
         return x
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]     # [T, R/2]
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, R/2]
     cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[None, :, None, :]  # [1, T, 1, R]
     sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[None, :, None, :]
     xr, rest = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
@@ -180,8 +220,9 @@ class RotaryAttention(nnx.Module):
             qkv = qkv + self.qkv_b[...].astype(self.dtype)
         q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
         query_pos = start + jnp.arange(T)
-        q = rotary(q, query_pos, cfg.rotary_dim, cfg.rope_theta)
-        k = rotary(k, query_pos, cfg.rotary_dim, cfg.rope_theta)
+        inv_freq = inv_frequencies(cfg)  # a trace-time constant
+        q = rotary(q, query_pos, inv_freq)
+        k = rotary(k, query_pos, inv_freq)
         if kv is None:
             keys, values, key_pos = k, v, jnp.arange(T)
         else:

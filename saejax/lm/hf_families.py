@@ -18,8 +18,8 @@ download, no torch). The mapping, per layer ``i``:
   with ``rope_theta``.
 
 nn.Linear weights are [out, in]; ours are x @ W, so every projection is transposed.
-Only default (unscaled) rotary embeddings are implemented: a ``rope_scaling`` /
-``rope_type`` other than "default" (linear, dynamic, llama3, yarn, ...) is refused.
+Rotary scaling (``rope_parameters`` / legacy ``rope_scaling``): "default", "linear" and
+"llama3" are implemented; others (dynamic, yarn, longrope, ...) are refused in one line.
 """
 
 from __future__ import annotations
@@ -33,19 +33,31 @@ _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": 
 assert set(_HF_ACTIVATIONS.values()) <= set(FAMILY_ACTIVATIONS)
 
 
-def _rope(hf: dict, theta_key: str, default_theta: float) -> tuple[float, float | None]:
-    """(theta, partial rotary factor or None) from ``rope_parameters`` or the legacy keys."""
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope(hf: dict, theta_key: str, default_theta: float) -> dict:
+    """FamilyConfig rotary fields from ``rope_parameters`` or the legacy keys, plus
+    ``"partial"`` (the partial rotary factor or None)."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling")
     if isinstance(scaling, dict):
         params = {**scaling, **params}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"unsupported rotary scaling rope_type={kind!r} (only 'default' is "
-                         f"implemented)")
+    if kind not in _ROPE_TYPES:
+        raise ValueError(f"unsupported rotary scaling rope_type={kind!r} (implemented: "
+                         f"{', '.join(_ROPE_TYPES)})")
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get(theta_key, default_theta)))
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    return float(theta), factor
+    out = {"rope_theta": float(theta), "rope_type": kind,
+           "partial": params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))}
+    if kind != "default":
+        out["rope_factor"] = float(params["factor"])
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_len=int(params.get("original_max_position_embeddings")
+                                             or hf["max_position_embeddings"]))
+    return out
 
 
 def _activation(hf: dict, default: str) -> str:
@@ -60,7 +72,8 @@ def neox_config(hf: dict) -> FamilyConfig:
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     if D % H:
         raise ValueError(f"hidden_size {D} is not a multiple of num_attention_heads {H}")
-    theta, factor = _rope(hf, "rotary_emb_base", 10000.0)
+    rope = _rope(hf, "rotary_emb_base", 10000.0)
+    factor = rope.pop("partial")
     pct = factor if factor is not None else hf.get("rotary_pct", 0.25)
     K = D // H
     rotary_dim = int(K * pct)
@@ -73,7 +86,7 @@ def neox_config(hf: dict) -> FamilyConfig:
         d_model=D, n_heads=H, n_kv_heads=H, d_head=K, d_mlp=hf["intermediate_size"],
         n_layers=hf["num_hidden_layers"], norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps", 1e-5)), activation=_activation(hf, "gelu"),
-        gated_mlp=False, rotary_dim=rotary_dim, rope_theta=theta,
+        gated_mlp=False, rotary_dim=rotary_dim, **rope,
         parallel_residual=bool(hf.get("use_parallel_residual", True)), attn_bias=bias,
         mlp_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
@@ -83,13 +96,14 @@ def llama_config(hf: dict) -> FamilyConfig:
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     G = hf.get("num_key_value_heads") or H
     K = hf.get("head_dim") or D // H
-    theta, _ = _rope(hf, "rope_theta", 10000.0)  # Llama's default rope ignores the factor
+    rope = _rope(hf, "rope_theta", 10000.0)
+    del rope["partial"]  # Llama's attention rotates the whole head
     return FamilyConfig(
         family="llama", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
         d_model=D, n_heads=H, n_kv_heads=G, d_head=K, d_mlp=hf["intermediate_size"],
         n_layers=hf["num_hidden_layers"], norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), activation=_activation(hf, "silu"),
-        gated_mlp=True, rotary_dim=K, rope_theta=theta, parallel_residual=False,
+        gated_mlp=True, rotary_dim=K, **rope, parallel_residual=False,
         attn_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
