@@ -294,6 +294,12 @@ def test_sae_trains_and_harvests_on_an_imported_model(byte_llama, tiny_lm_dir, t
     e = json.loads((tmp_path / "sae" / "eval.json").read_text())  # spliced into the import
     assert e["step"] == 12 and e["eval_data"] == "LM validation split"
     assert np.isfinite(e["frac_loss_recovered"]) and 0 < e["l0"] <= 8
+    from saejax.analysis.restore import restore_run
+
+    run = restore_run(str(tmp_path / "sae"))  # analysis reloads the import and the store
+    assert isinstance(run.lm, RotaryTransformer)
+    f = run.encode_text("def alpha(beta):")
+    assert f.shape == (16, 128) and ((f > 0).sum(1) <= 8).all()
 
     h = harvest_cfg.get_config()
     h.update(lm_dir=byte_llama, store_dir=store_dir, site="blocks.0.resid.mid",
