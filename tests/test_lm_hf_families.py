@@ -427,3 +427,29 @@ def test_bfloat16_and_sharded_checkpoints(hf_models, tmp_path):
     assert _rel(ours(jnp.asarray(toks, jnp.int32)).logits, ref) <= 1e-4
     np.testing.assert_array_equal(np.asarray(ours.wte[...]),
                                   ref_model.gpt_neox.embed_in.weight.detach().numpy())
+
+
+def test_legacy_config_keys_are_read():
+    """Configs written by transformers 4 (the hub's Pythia and Llama files) use the old keys."""
+    from saejax.lm.hf_families import llama_config, neox_config
+
+    pythia = {"model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 512,
+              "num_attention_heads": 8, "num_hidden_layers": 6, "intermediate_size": 2048,
+              "max_position_embeddings": 2048, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+              "use_parallel_residual": True, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+              "tie_word_embeddings": False}
+    c = neox_config(pythia)
+    assert (c.d_head, c.rotary_dim, c.rope_theta, c.rope_type, c.attn_bias) == (
+        64, 16, 10000.0, "default", True)
+    llama = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
+             "intermediate_size": 8192, "max_position_embeddings": 131072,
+             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+             "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    c = llama_config(llama)
+    assert (c.d_head, c.n_kv_heads, c.rope_theta, c.rope_type, c.rope_factor,
+            c.rope_original_max_len, c.tie_embeddings) == (64, 8, 500000.0, "llama3", 32.0,
+                                                           8192, True)
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        llama_config({**llama, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
