@@ -89,3 +89,20 @@ def test_export_launcher_on_a_trained_workdir(tiny_lm_dir, tmp_path):
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     last = again.stderr.strip().splitlines()[-1]
     assert again.returncode == 1 and last.startswith("export_lm_hf: ") and "overwrite" in last
+
+
+def test_export_writes_a_bpe_store_tokenizer_transformers_reads(tmp_path):
+    from saejax.data.tokenizer import train_bpe
+
+    texts = ["def alpha(beta):\n    return beta + 1\n"] * 50 + ["gamma delta epsilon"] * 50
+    tok = train_bpe(texts, vocab_size=300)
+    tok.save(str(tmp_path / "store"))  # where a token store keeps its tokenizer
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, max_len=8, d_model=16,
+                                    n_heads=2, d_mlp=32))
+    out = export_gpt2(model, str(tmp_path / "hf"), store_dir=str(tmp_path / "store"))
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    assert config["eos_token_id"] == config["bos_token_id"] == tok.eot_id
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "def gamma(alpha):\n    return delta"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eot_id

@@ -10,9 +10,12 @@ like ours, ``c_attn`` holds (q | k | v) with heads contiguous, attention is scal
 from the config, the activation maps relu/gelu/gelu_new onto ``activation_function``. An
 untied unembedding (the paper model's default) is written as ``lm_head.weight`` with
 ``tie_word_embeddings=false``. ``vocab_size`` is the model's (e.g. 257 for the byte
-tokenizer); when the LM's token store has a ``tokenizer.json`` it is copied next to the
-weights and bos/eos are its end-of-text id. Only the exact GPT-2 layout exports: a model
-with ``d_head * n_heads != d_model`` is refused (GPT-2 has no separate head width).
+tokenizer); bos/eos are the token store's end-of-text id, and a store with a Hugging Face
+tokenizer (BPE or a user's tokenizer.json) also gives ``tokenizer.json`` +
+``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained`` encodes as saejax does (the
+byte tokenizer has no HF equivalent and is not written). Only the exact GPT-2 layout
+exports: a model with ``d_head * n_heads != d_model`` is refused (GPT-2 has no separate head
+width).
 
 Legend: D d_model, M d_mlp, V vocab, H heads, K head width.
 """
@@ -109,13 +112,12 @@ def export_gpt2(lm: str | Transformer | tuple, out_dir: str, *, step: int | None
     if os.path.exists(weights) and not overwrite:
         raise FileExistsError(f"{weights} exists; pass overwrite=True (--overwrite) to replace it")
     store_dir = store_dir or meta.get("store_dir")
-    eot_id, tokenizer_file = None, None
+    eot_id, tokenizer = None, None
     if store_dir:
-        from saejax.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+        from saejax.data.tokenizer import load_tokenizer
 
-        eot_id = load_tokenizer(store_dir).eot_id
-        path = os.path.join(store_dir, TOKENIZER_FILE)
-        tokenizer_file = path if os.path.isfile(path) else None
+        tokenizer = load_tokenizer(store_dir)
+        eot_id = tokenizer.eot_id
     config = gpt2_config(model.cfg, eot_id)
     tensors = gpt2_tensors(model)
     os.makedirs(out_dir, exist_ok=True)
@@ -123,6 +125,18 @@ def export_gpt2(lm: str | Transformer | tuple, out_dir: str, *, step: int | None
     os.replace(weights + ".tmp", weights)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(out_dir, TOKENIZER_FILE))
+    if tokenizer is not None and getattr(tokenizer, "eot_token", None):  # HF tokenizers only
+        _write_tokenizer(tokenizer, store_dir, out_dir)
     return out_dir
+
+
+def _write_tokenizer(tokenizer, store_dir: str, out_dir: str) -> None:
+    """The store's ``tokenizer.json`` plus a ``tokenizer_config.json`` naming its end-of-text
+    token, so ``transformers.AutoTokenizer.from_pretrained(out_dir)`` encodes as we do."""
+    from saejax.data.tokenizer import TOKENIZER_FILE
+
+    shutil.copyfile(os.path.join(store_dir, TOKENIZER_FILE), os.path.join(out_dir, TOKENIZER_FILE))
+    eot = tokenizer.eot_token
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot,
+                   "eos_token": eot, "unk_token": eot, "model_max_length": 10**9}, f, indent=2)
