@@ -276,6 +276,26 @@ def _sae_hf_config(lm_dir, store_dir, workdir):
     return cd
 
 
+def test_producer_on_an_imported_model_and_a_named_store(byte_llama, tiny_lm_dir, devices):
+    from saejax import parallel
+    from saejax.activations import restore_lm_source
+    from saejax.config import MeshConfig
+    from saejax.data.token_store import TokenStore
+
+    store_dir = os.path.join(os.path.dirname(tiny_lm_dir), "tokens")  # conftest's byte store
+    src = restore_lm_source(byte_llama, "blocks.1.mlp.post", parallel.make_mesh(MeshConfig()),
+                            store_dir=store_dir)
+    assert (src.width, src.context, src.meta["store_dir"]) == (48, 32, store_dir)
+    tokens = TokenStore.open(store_dir).read("train", 0, 8)
+    acts = src.produce(jnp.asarray(tokens, jnp.int32))
+    assert acts.shape == (8 * 32, 48)
+    want = load_hf(byte_llama)(jnp.asarray(tokens[:, :32], jnp.int32),
+                               sites=("blocks.1.mlp.post",)).acts["blocks.1.mlp.post"]
+    np.testing.assert_allclose(np.asarray(acts), np.asarray(want).reshape(-1, 48), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.slow  # ~10 s: a 12-step SAE run with evaluation, then a harvest
 def test_sae_trains_and_harvests_on_an_imported_model(byte_llama, tiny_lm_dir, tmp_path):
     from experiments import harvest as harvest_cfg
     from saejax.config import ConfigError, from_config
