@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.lm_dir = "runs/lm/paper"
     c.site = "mlp.post"
+    c.store_dir = ml_collections.FieldReference(None, field_type=str)  # a HF checkpoint needs one
     c.out_dir = "runs/acts/paper"
     c.split = "train"
     c.start_context = 0

@@ -50,7 +50,8 @@ def get_config(run: str = "a1") -> ml_collections.ConfigDict:
         lr_decay_fraction=0.0, sparsity_warmup_fraction=0.0, k_anneal_start=0,
         k_anneal_fraction=0.0, grad_clip=0.0))
     c.lm = ml_collections.ConfigDict(dict(
-        dir=ml_collections.FieldReference("runs/lm/paper", field_type=str), site="mlp.post"))
+        dir=ml_collections.FieldReference("runs/lm/paper", field_type=str), site="mlp.post",
+        store_dir=ml_collections.FieldReference(None, field_type=str)))
     c.source = source()
     c.eval = ml_collections.ConfigDict(dict(every=5000, contexts=512, batch_contexts=64,
                                             rows=65_536))

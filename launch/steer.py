@@ -30,8 +30,8 @@ flags.DEFINE_string("workdir", None, "SAE training workdir (saejax.train checkpo
 flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default latest)")
 flags.DEFINE_string("sae", None, "SAE export (.npz, saejax.sae.bundle.save_bundle) or "
                     "SAELens SAE folder instead of --workdir")
-flags.DEFINE_string("lm_dir", None, "LM training workdir or HF GPT-2 directory "
-                    "(default: the SAE export's extra['lm_dir'])")
+flags.DEFINE_string("lm_dir", None, "LM training workdir or local HF checkpoint directory "
+                    "(GPT-2, GPT-NeoX, Llama; default: the SAE export's extra['lm_dir'])")
 flags.DEFINE_string("store_dir", None, "token store whose tokenizer to use (default: the "
                     "SAE export's extra['store_dir'], else the LM checkpoint's store_dir)")
 flags.DEFINE_integer("feature", None, "feature id to steer", required=True)

@@ -84,13 +84,17 @@ class LMSource(NamedTuple):
 
 
 def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh, *,
-                      fields: tuple[str, str] = ("lm.dir", "lm.site")) -> LMSource:
-    """Restores an LM training run and builds its jitted producer at ``site``.
+                      store_dir: str | None = None,
+                      fields: tuple[str, str, str] = ("lm.dir", "lm.site", "lm.store_dir")
+                      ) -> LMSource:
+    """Restores an LM (a training run, or a local HF checkpoint) and its producer at ``site``.
 
-    ``fields``: the config fields of ``lm_dir`` and ``site``, for error messages.
+    ``store_dir``: the token store to run it on (default: the one the LM checkpoint names;
+    required for an imported HF checkpoint, which names none). ``fields``: the config fields
+    of ``lm_dir``, ``site`` and ``store_dir``, for error messages.
     """
-    from saejax.data.token_store import TokenStore
-    from saejax.lm.model import split_params
+    from saejax.data.token_store import TokenStore, open_named
+    from saejax.lm.model import split_lm
     from saejax.lm.restore import load_lm
     from saejax.lm.sites import canonical_site
 
@@ -98,16 +102,25 @@ def restore_lm_source(lm_dir: str, site: str, mesh: jax.sharding.Mesh, *,
         lm, meta = load_lm(lm_dir, mesh=mesh)
     except FileNotFoundError as e:
         raise ConfigError(f"config field {fields[0]!r} = {lm_dir!r} is invalid: {e}") from None
-    graphdef, params = split_params(lm)
+    graphdef, params = split_lm(lm)
     try:
         site = canonical_site(site, lm.cfg.n_layers)
     except ValueError as e:
         raise ConfigError(f"config field {fields[1]!r} = {site!r} is invalid: {e}") from None
+    if store_dir:
+        meta = {**meta, "store_dir": os.path.abspath(store_dir)}
     if "store_dir" not in meta:
-        raise ConfigError(f"config field {fields[0]!r} = {lm_dir!r} is invalid: it names no token "
-                          f"store (an imported HF checkpoint has none); use an LM training "
-                          f"workdir")
-    store = TokenStore.open(meta["store_dir"])
+        raise ConfigError(f"config field {fields[2]!r} = None is invalid: {lm_dir!r} names no "
+                          f"token store (an imported HF checkpoint has none); set it to a token "
+                          f"store built with the model's tokenizer")
+    if store_dir:
+        store = open_named(TokenStore.open, store_dir, fields[2])
+    else:
+        store = TokenStore.open(meta["store_dir"])
+    if store.vocab_size > lm.cfg.vocab_size:
+        raise ConfigError(f"config field {fields[2]!r} = {meta['store_dir']!r} is invalid: its "
+                          f"tokenizer has {store.vocab_size} ids, more than the LM's vocabulary "
+                          f"of {lm.cfg.vocab_size} (tokenize with the model's own tokenizer)")
     context = min(store.seq_len, lm.cfg.max_len)
     produce = lm_producer(graphdef, params, site, mesh, context_len=context)
     probe = jax.ShapeDtypeStruct((parallel.data_parallel_size(mesh), store.seq_len), jnp.int32)

@@ -110,7 +110,8 @@ def run_harvest(cfg) -> dict:
     from saejax.data.activation_store import ActivationStoreWriter
 
     mesh = parallel.make_mesh(cfg.mesh)
-    src = restore_lm_source(cfg.lm_dir, cfg.site, mesh, fields=("lm_dir", "site"))
+    src = restore_lm_source(cfg.lm_dir, cfg.site, mesh, store_dir=cfg.store_dir,
+                            fields=("lm_dir", "site", "store_dir"))
     store, context, produce, d, site, meta = (src.store, src.context, src.produce, src.width,
                                               src.site, src.meta)
     procs = jax.process_count()

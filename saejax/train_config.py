@@ -34,8 +34,11 @@ class HarvestConfig:
     """``launch/harvest.py``: LM activations at a site -> an activation store.
 
     Attributes:
-      lm_dir: LM training workdir (its checkpoint names the token store it trained on).
+      lm_dir: LM training workdir (its checkpoint names the token store it trained on), or a
+        local Hugging Face checkpoint folder (GPT-2, GPT-NeoX / Pythia, Llama).
       site: activation site, e.g. "mlp.post" (layer 0) or "blocks.0.resid.mid".
+      store_dir: token store to run the LM on; default None = the one its checkpoint names
+        (required for a HF checkpoint; its token ids must fit the model's vocabulary).
       out_dir: activation store directory.
       split / start_context / num_contexts: which contexts of the token store to run
         (num_contexts 0 = the rest of the split).
@@ -47,6 +50,7 @@ class HarvestConfig:
 
     lm_dir: str = "runs/lm/paper"
     site: str = "mlp.post"
+    store_dir: str | None = None
     out_dir: str = "runs/acts/paper"
     split: str = "train"
     start_context: int = 0
@@ -77,19 +81,26 @@ class LMSiteConfig:
     """The subject LM and the site the dictionary reads (section ``lm``).
 
     Attributes:
-      dir: LM training workdir (its checkpoint names the token store it trained on). None
-        (the default): no LM; the activations come from a store or arrays, and evaluation
-        reports what needs no LM (MSE, explained variance, L0, dead/dense features).
+      dir: LM training workdir (its checkpoint names the token store it trained on), or a
+        local Hugging Face checkpoint folder (GPT-2, GPT-NeoX / Pythia, Llama). None (the
+        default): no LM; the activations come from a store or arrays, and evaluation reports
+        what needs no LM (MSE, explained variance, L0, dead/dense features).
       site: activation site the dictionary reads and, at evaluation, replaces (e.g.
         "mlp.post" = layer 0's MLP neurons, "blocks.1.resid.mid"); read only with an LM.
+      store_dir: token store the LM runs on (training activations and the evaluation's
+        validation split); default None = the one the LM checkpoint names. Required for a
+        HF checkpoint, whose token ids must fit the model's vocabulary.
     """
 
     dir: str | None = None
     site: str = "mlp.post"
+    store_dir: str | None = None
 
     def __post_init__(self):
         if self.dir is not None:
             check("lm.dir", self.dir, bool(self.dir), "must name an LM workdir, or be None")
+        check("lm.store_dir", self.store_dir, self.dir is not None or self.store_dir is None,
+              "is read only with an LM (lm.dir is None)")
         check("lm.site", self.site, bool(self.site), "must name an activation site")
 
 

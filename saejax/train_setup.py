@@ -42,7 +42,8 @@ def open_source(cfg: SAETrainConfig, activations=None) -> tuple[Any, LMSource | 
         ``sae.d_in``.
     """
     mesh = parallel.make_mesh(cfg.mesh)
-    lm = restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh) if cfg.lm.dir else None
+    lm = (restore_lm_source(cfg.lm.dir, cfg.lm.site, mesh, store_dir=cfg.lm.store_dir)
+          if cfg.lm.dir else None)
     if activations is not None and cfg.source.kind != "arrays":
         raise ConfigError(f"activations were passed, but config field 'source.kind' = "
                           f"{cfg.source.kind!r}: set it to 'arrays'")

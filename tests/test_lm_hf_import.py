@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax.lm.hf_import import gpt2_model_config, load_gpt2, read_safetensors
+from saejax.lm.hf_import import (gpt2_model_config, load_gpt2, read_safetensors,
+                                  write_safetensors)
 from saejax.lm.restore import load_lm
 
 torch = pytest.importorskip("torch")
@@ -79,3 +80,23 @@ def test_safetensors_reader_and_config_checks(hf_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
         load_gpt2(str(tmp_path))
+
+
+def test_safetensors_write_round_trip_and_corrupt_file(tmp_path):
+    import ml_dtypes
+
+    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4),
+               "b": np.asarray([1.5, -2.0], ml_dtypes.bfloat16),
+               "c": np.arange(6, dtype=np.int64).reshape(2, 3).T}  # not contiguous
+    write_safetensors(str(tmp_path / "x.safetensors"), tensors, metadata={"format": "np"})
+    back = read_safetensors(str(tmp_path / "x.safetensors"))
+    assert sorted(back) == ["a", "b", "c"]
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype
+        np.testing.assert_array_equal(back[k], v)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "x.safetensors"))["a"], torch.tensor(tensors["a"]))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" * 64)
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable safetensors file"):
+        read_safetensors(str(tmp_path / "bad.safetensors"))

@@ -10,6 +10,9 @@ multiplied by the LayerNorm scale gamma before W_U:
     direct  (paper):  logits_i = r_i @ W_U
     fold_ln:          logits_i = ((r_i - mean(r_i)) * gamma) @ W_U
 
+For a model whose final norm is an RMSNorm (an imported Llama, :mod:`saejax.lm.families`)
+there is no mean to remove: ``fold_ln`` multiplies by gamma only.
+
 Both drop the LayerNorm's data-dependent 1/sigma (a positive per-token factor, so the
 token ranking is unchanged by it) and its bias (the same for every feature). Effects are
 per unit of feature activation in SAE units, so they start from the decoder vectors in the
@@ -57,11 +60,16 @@ def unembedding(lm) -> Float[Array, "D V"]:
     return w_u.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "fold_ln"))
+def _centres(lm) -> bool:
+    """Whether the final norm subtracts the mean (LayerNorm: has a bias; RMSNorm: does not)."""
+    return hasattr(lm_module(lm).ln_f, "bias")
+
+
+@functools.partial(jax.jit, static_argnames=("k", "fold_ln", "centre"))
 def _top_bottom(dirs: Float[Array, "C D"], gamma: Float[Array, " D"], w_u: Float[Array, "D V"],
-                *, k: int, fold_ln: bool):
+                *, k: int, fold_ln: bool, centre: bool = True):
     if fold_ln:
-        dirs = (dirs - dirs.mean(-1, keepdims=True)) * gamma
+        dirs = ((dirs - dirs.mean(-1, keepdims=True)) if centre else dirs) * gamma
     logits = jnp.dot(dirs, w_u, precision=jax.lax.Precision.HIGHEST)
     top_v, top_i = jax.lax.top_k(logits, k)
     bot_v, bot_i = jax.lax.top_k(-logits, k)
@@ -72,7 +80,7 @@ def logit_vector(lm, sae: SAEBundle, feature: int, *, fold_ln: bool = True) -> F
     """The full logit effect of one feature (see the module docstring)."""
     r = residual_directions(lm, sae)[feature]
     if fold_ln:
-        r = (r - r.mean()) * lm_module(lm).ln_f.scale[...]
+        r = ((r - r.mean()) if _centres(lm) else r) * lm_module(lm).ln_f.scale[...]
     return jnp.dot(r, unembedding(lm), precision=jax.lax.Precision.HIGHEST)
 
 
@@ -92,7 +100,8 @@ def feature_logit_effects(lm, sae: SAEBundle, *, k: int = 10, fold_ln: bool = Tr
     chunk = min(chunk, n)
     pad = (-n) % chunk  # fixed chunk shape: one compilation
     dirs = jnp.concatenate([dirs, jnp.zeros((pad, dirs.shape[1]), dirs.dtype)])
-    parts = [_top_bottom(dirs[s:s + chunk], gamma, w_u, k=k, fold_ln=fold_ln)
+    centre = _centres(lm)
+    parts = [_top_bottom(dirs[s:s + chunk], gamma, w_u, k=k, fold_ln=fold_ln, centre=centre)
              for s in range(0, n + pad, chunk)]
     names = ("top_ids", "top_values", "bottom_ids", "bottom_values")
     return {name: np.concatenate([np.asarray(p[j]) for p in parts])[:n]

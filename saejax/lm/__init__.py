@@ -1,5 +1,6 @@
 """The transformer language model: model, activation sites and interventions, training,
-generation, Hugging Face GPT-2 import and restore-for-analysis.
+generation, Hugging Face import (GPT-2 onto the model; GPT-NeoX / Pythia and Llama onto its
+rotary sibling in ``families.py``), GPT-2 export and restore-for-analysis.
 
     from saejax.lm import ModelConfig, build_model, sites
     model = build_model(ModelConfig(vocab_size=4096))

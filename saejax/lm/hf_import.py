@@ -1,11 +1,17 @@
-"""Bring your own model: a local Hugging Face GPT-2-architecture checkpoint -> Transformer.
+"""Bring your own model: a local Hugging Face checkpoint folder -> saejax's LM.
+
+:func:`load_hf` dispatches on ``config.json``'s ``model_type``: GPT-2 here (onto
+:class:`Transformer`), GPT-NeoX / Pythia and Llama in :mod:`saejax.lm.hf_families` (onto
+:class:`saejax.lm.families.RotaryTransformer`).
 
 Reads ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
 from a directory; nothing is downloaded and neither torch nor transformers is needed (the
-safetensors format is parsed here with NumPy). GPT-2 specifics: Conv1D weights are stored
+``safetensors`` package's NumPy API reads the tensors). GPT-2 specifics: Conv1D weights are stored
 [in, out] (already our x @ W layout, i.e. transposed relative to nn.Linear), the fused c_attn
-columns are (q | k | v) with heads contiguous, the unembedding is tied to wte, LayerNorm
-eps from the config (1e-5), activation ``gelu_new`` (tanh GELU).
+columns are (q | k | v) with heads contiguous, the unembedding is tied to wte unless
+``tie_word_embeddings`` is false (then ``lm_head.weight``, as :mod:`saejax.lm.hf_export`
+writes an untied model), LayerNorm eps from the config (1e-5), activation ``gelu_new``
+(tanh GELU).
 
 Legend: D d_model, M d_mlp, V vocab, H heads, K head width, N positions.
 """
@@ -14,39 +20,35 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from saejax.lm.config import ModelConfig
 from saejax.lm.model import Transformer, abstract_model
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
                 "relu": "relu"}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as NumPy arrays (header + raw little-endian)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        lo, hi = info["data_offsets"]
-        arr = np.frombuffer(data[lo:hi], dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
-        out[name] = arr.reshape(info["shape"])
-    return out
+    """All tensors of one ``.safetensors`` file as NumPy arrays (bf16 as ml_dtypes.bfloat16)."""
+    try:
+        return safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes NumPy arrays (contiguous copies) to one ``.safetensors`` file."""
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+                                metadata=metadata)
 
 
 def _read_weights(directory: str) -> dict[str, np.ndarray]:
@@ -65,6 +67,60 @@ def _read_weights(directory: str) -> dict[str, np.ndarray]:
                             f"{directory!r} (save the model with safe_serialization=True)")
 
 
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
+
+
+def read_hf_config(directory: str) -> dict:
+    """``directory/config.json`` as a dict, with one-line errors for what is missing."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory (expected a Hugging Face "
+                                f"save_pretrained folder)")
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {directory!r} (expected a Hugging Face "
+                                f"save_pretrained folder)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_hf(directory: str, *, compute_dtype: str = "float32"):
+    """Loads a local HF checkpoint folder by its ``model_type``.
+
+    "gpt2" gives a :class:`Transformer` (:func:`load_gpt2`); "gpt_neox" (Pythia) and "llama"
+    give a :class:`saejax.lm.families.RotaryTransformer` (:mod:`saejax.lm.hf_families`).
+    Both take the same forward call, sites and interventions.
+
+    Args:
+      directory: holds ``config.json`` and ``model.safetensors`` (or a sharded index).
+      compute_dtype: matmul dtype of the resulting model (parameters are float32).
+    """
+    hf = read_hf_config(directory)
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        return load_gpt2(directory, compute_dtype=compute_dtype)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{directory}: unsupported model_type {kind!r} in config.json; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    from saejax.config import replace
+    from saejax.lm import hf_families
+    from saejax.lm.families import abstract_family_model
+
+    try:
+        cfg = hf_families.CONFIGS[kind](hf)
+    except KeyError as e:
+        raise ValueError(f"{directory}/config.json: missing field {e.args[0]!r}") from None
+    if compute_dtype != cfg.compute_dtype:
+        cfg = replace(cfg, compute_dtype=compute_dtype)
+    values = hf_families.VALUES[kind](cfg, _read_weights(directory), directory)
+    graphdef, abstract = nnx.split(abstract_family_model(cfg), nnx.Param)
+    _check_shapes(nnx.to_pure_dict(abstract), values)
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, values))
+    return nnx.merge(graphdef, abstract)
+
+
 def gpt2_model_config(hf: dict) -> ModelConfig:
     """Our ModelConfig for a GPT-2 ``config.json`` dict; rejects variants we do not implement."""
     if hf.get("model_type") != "gpt2":
@@ -81,7 +137,8 @@ def gpt2_model_config(hf: dict) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], max_len=hf["n_positions"], d_model=d,
                        n_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d,
                        n_layers=hf["n_layer"], activation=_ACTIVATIONS[act],
-                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True)
+                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
 def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
@@ -94,9 +151,7 @@ def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
     Returns:
       The model; its forward matches ``GPT2LMHeadModel`` (logits and MLP activations).
     """
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    cfg = gpt2_model_config(hf)
+    cfg = gpt2_model_config(read_hf_config(directory))
     if compute_dtype != cfg.compute_dtype:
         from saejax.config import replace
 
@@ -127,9 +182,16 @@ def load_gpt2(directory: str, *, compute_dtype: str = "float32") -> Transformer:
             "mlp": {"w_in": get(h + "mlp.c_fc.weight"), "b_in": get(h + "mlp.c_fc.bias"),
                     "w_out": get(h + "mlp.c_proj.weight"), "b_out": get(h + "mlp.c_proj.bias")},
         }
-    if "lm_head.weight" in w and not np.array_equal(w["lm_head.weight"], w[prefix + "wte.weight"]):
-        raise ValueError("lm_head.weight differs from wte.weight: untied GPT-2 heads are not "
-                         "supported")
+    if cfg.tie_embeddings:
+        if "lm_head.weight" in w and not np.array_equal(w["lm_head.weight"],
+                                                        w[prefix + "wte.weight"]):
+            raise ValueError(f"{directory}: lm_head.weight differs from wte.weight but "
+                             f"config.json says tie_word_embeddings=true")
+    else:
+        if "lm_head.weight" not in w:
+            raise KeyError(f"{directory}: missing tensor 'lm_head.weight' "
+                           f"(tie_word_embeddings=false)")
+        values["w_u"] = np.asarray(w["lm_head.weight"], np.float32).T
     expected = nnx.to_pure_dict(abstract)
     _check_shapes(expected, values)
     nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, values))

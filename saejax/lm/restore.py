@@ -1,4 +1,4 @@
-"""Loading a trained LM for analysis: our checkpoints or a Hugging Face GPT-2 directory.
+"""Loading a trained LM for analysis: our checkpoints or a local Hugging Face directory.
 
     model, meta = load_lm("runs/lm/paper")            # latest checkpoint of a training run
     out = model(tokens, sites=("mlp.post",), logits=False)
@@ -34,8 +34,9 @@ def load_lm(path: str, *, step: int | None = None, mesh: jax.sharding.Mesh | Non
     """Restores a model for analysis.
 
     Args:
-      path: a training workdir (or its ``checkpoints`` dir), or a local HF GPT-2 directory
-        (one with ``config.json``).
+      path: a training workdir (or its ``checkpoints`` dir), or a local HF checkpoint
+        directory (one with ``config.json``: GPT-2, GPT-NeoX / Pythia or Llama; see
+        :func:`saejax.lm.hf_import.load_hf`).
       step: checkpoint step (default latest); ignored for HF directories.
       mesh: target mesh for the parameters (default ``make_mesh(MeshConfig())``).
 
@@ -44,9 +45,9 @@ def load_lm(path: str, *, step: int | None = None, mesh: jax.sharding.Mesh | Non
       "store_dir" (where the tokenizer lives) and "step"; for HF, {"hf_config_dir": path}.
     """
     if os.path.isfile(os.path.join(path, "config.json")):
-        from saejax.lm.hf_import import load_gpt2
+        from saejax.lm.hf_import import load_hf
 
-        return load_gpt2(path), {"hf_config_dir": os.path.abspath(path)}
+        return load_hf(path), {"hf_config_dir": os.path.abspath(path)}
     mesh = mesh or parallel.make_mesh(MeshConfig())
     try:
         ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
