@@ -85,4 +85,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check saejax launch experiments tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache

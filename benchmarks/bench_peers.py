@@ -206,6 +206,7 @@ def _child_sparsify(args) -> None:
 
     torch, threads = _torch(args)
     from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.utils import decoder_impl  # triton_decode, or eager_decode without triton
     from transformers import get_linear_schedule_with_warmup
 
     x = torch.from_numpy(_data(args))
@@ -253,7 +254,7 @@ def _child_sparsify(args) -> None:
                 return None
 
             times = _time_steps(run, lambda _: None, args)
-            _emit(_row(args, "sparsify", arch, f, times, kernel="TopK, sparse decoder (eager)",
+            _emit(_row(args, "sparsify", arch, f, times, kernel=f"SparseCoder, {decoder_impl.__name__}",
                        versions=dict(torch=torch.__version__, sparsify=md.version("eai-sparsify")),
                        threads=threads, dead=int((num_tokens_since_fired > dead_feature_threshold).sum())))
             del sae, adam
