@@ -15,7 +15,7 @@ RUNS   ?= runs
 # step and page faults otherwise dominate its elementwise passes (~3x, benchmarks/RESULTS.md).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: venv demo test test-slow test-all browsers bench lint clean
+.PHONY: venv demo test test-slow test-all browsers bench bench-peers lint clean
 
 define install
 	@test -n "$(PYTHON)" || { echo "saejax needs Python >= 3.11 (python3.11 or python3.12 on PATH)"; exit 1; }
@@ -59,8 +59,30 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_resample_draws.py
 	$(PY) benchmarks/memory_estimates.py
 
+# Optional, not part of `make test` or `make bench`: saejax against SAELens and EleutherAI
+# sparsify on the same TopK and ReLU+L1 training steps (benchmarks/bench_peers.py; the table
+# goes to benchmarks/out/peers.md). Builds its own $(PEERS_VENV) with all three (minutes, once):
+# torch comes first from the CPU wheel index (PyPI's Linux torch pulls the CUDA toolkit),
+# without dependencies; the second install takes those from PyPI.
+# Arguments for the script go in PEERS_ARGS, e.g. make bench-peers PEERS_ARGS="--rounds 5".
+PEERS_VENV  ?= .venv-peers
+PEERS_PY    := $(PEERS_VENV)/bin/python
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PEERS_ARGS  ?=
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "saejax needs Python >= 3.11 (python3.11 or python3.12 on PATH)"; exit 1; }
+	@test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --upgrade pip
+	$(PEERS_PY) -m pip install --quiet --no-deps torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(PEERS_PY) -m pip install --quiet -e . torch==2.13.0 'sae-lens==6.54.*' eai-sparsify==1.3.3
+	@touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) benchmarks/bench_peers.py $(PEERS_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check saejax launch experiments tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache
