@@ -128,9 +128,11 @@ def main(argv):
                              overwrite=FLAGS.overwrite)
     except FileExistsError as e:
         raise cli.UsageError(f"--out: {e}") from None
-    print(json.dumps({"out": out, "format": FLAGS.format, "step": record.step, "member": FLAGS.member,
-                      "architecture": bundle.config.architecture,
-                      "sparsity": density is not None}))
+    summary = {"out": out, "format": FLAGS.format, "step": record.step,
+               "architecture": bundle.config.architecture, "sparsity": density is not None}
+    if FLAGS.member:
+        summary["member"] = FLAGS.member
+    print(json.dumps(summary))
     for line in WARNINGS:  # after the export: an error stays the only line on stderr
         print(f"export: warning: {line}", file=sys.stderr)
 

@@ -34,7 +34,7 @@ from absl import logging
 
 from saejax import parallel
 from saejax.checkpoint import Checkpointer
-from saejax.config import ConfigError, resume_changes, to_dict
+from saejax.config import ConfigError, from_config, resume_changes, to_dict
 from saejax.loop import HostMetrics, NonFiniteError, run_steps
 from saejax.metrics import MetricWriter, ProgressBar, is_writer_process
 from saejax.record import CHECKPOINTS, SAERunRecord
@@ -273,7 +273,9 @@ def _resumed_record(meta: dict, cfg: SweepConfig, step: int, allowed, where: str
                           f"format): use a new workdir for the sweep")
     from saejax.record import ALWAYS_ALLOWED
 
-    changes = resume_changes(meta["config"], to_dict(cfg), step, (*ALWAYS_ALLOWED, *allowed), where)
+    # The saved config read back first: fields added to saejax since take their defaults.
+    saved = to_dict(from_config(SweepConfig, meta["config"]))
+    changes = resume_changes(saved, to_dict(cfg), step, (*ALWAYS_ALLOWED, *allowed), where)
     record = SAERunRecord.from_dict(meta["record"], where=where)
     if changes:
         import dataclasses
