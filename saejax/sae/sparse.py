@@ -19,7 +19,7 @@ is the same.
 
 On XLA:CPU how it is written decides the speed (measured, 2-core AVX-512): the gathers
 must not be fused into the top-k's consumers (an ``optimization_barrier`` after the top-k;
-without it XLA recomputed the top-k for each of the k gathers, 8.7 s instead of 0.2 s at
+without it XLA recomputed the top-k inside the gathers' fusions, ~40x slower at
 B = F = 4,096), and the scatter-adds run as a ``lax.scan`` over row chunks (a single
 scatter-add of the whole [B k, D] update was ~4x slower).
 
