@@ -23,10 +23,15 @@ without it XLA recomputed the top-k inside the gathers' fusions, ~40x slower at
 B = F = 4,096), and the scatter-adds run as a ``lax.scan`` over row chunks (a single
 scatter-add of the whole [B k, D] update was ~4x slower).
 
-Sharding: under a mesh whose dictionary is not split (``mesh.model`` = 1) the kernel runs
-per device in ``shard_map`` on its rows of the batch and sums the gradients over "data";
-a dictionary split over "model" would need the top-k merged across shards and is not
-supported here (:func:`supports` says so; the dense path serves it).
+Sharding: the kernel runs per device in ``shard_map``, on its rows of the batch ("data") and
+its slice of the dictionary ("model"), with indices local to the slice. With the dictionary
+split in M slices, each device takes the top k of its slice's pre-activations, the M k
+candidates of each input are all-gathered over "model" and their top k is the global top k
+(the top k of the union of the slices' top k; ties go to the lower index, as on one device).
+Each device then decodes, and scatters gradients for, the winners its slice holds (the
+others enter with coefficient 0); the partial reconstructions are summed over "model" and
+the gradients over "data". What crosses "model" per step is [B, M k] candidates and one
+[B, D] sum.
 
 :func:`use_sparse` is the cost model that picks this path for ``SAEConfig.step_kernel =
 "auto"``.
@@ -104,30 +109,56 @@ def _gather_dots(w: Float[Array, "F D"], idx: Int[Array, "B k"], v: Float[Array,
     return jnp.stack([jnp.sum(v * w[idx[:, j]], axis=-1) for j in range(idx.shape[1])], axis=1)
 
 
+def _select(pre: Float[Array, "B Fs"], k_max: int, model_axis: str | None):
+    """The global top k_max of each row: (values, global indices, local indices, mine).
+
+    ``pre`` is this device's slice of the dictionary (all of it when ``model_axis`` is None);
+    ``mine`` marks the winners this slice holds (None: all), and their local indices are
+    valid only there (0 elsewhere).
+    """
+    vals, idx = jax.lax.top_k(pre, k_max)
+    if model_axis is None:
+        return vals, idx, idx, None
+    f_local = pre.shape[1]
+    offset = jax.lax.axis_index(model_axis) * f_local
+    cand_vals = jax.lax.all_gather(vals, model_axis, axis=1, tiled=True)          # [B, M k]
+    cand_idx = jax.lax.all_gather(idx + offset, model_axis, axis=1, tiled=True)
+    vals, pos = jax.lax.top_k(cand_vals, k_max)
+    gidx = jnp.take_along_axis(cand_idx, pos, axis=1)
+    local = gidx - offset
+    mine = (local >= 0) & (local < f_local)
+    return vals, gidx, jnp.where(mine, local, 0), mine
+
+
 def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global_rows: int,
-           axis: str | None):
-    """The kernel on one device's rows; gradients summed over ``axis`` (None: one device)."""
+           axis: str | None, model_axis: str | None = None):
+    """The kernel on one device's rows (and dictionary slice): gradients summed over ``axis``
+    (None: one device), the reconstruction over ``model_axis`` (None: the dictionary whole)."""
     b, d = x.shape
-    f = params.W_enc.shape[0]
+    f = params.W_enc.shape[0]  # this device's slice
     x_bar = x - params.b_dec
     pre = _mm(x_bar, params.W_enc, precision, contract=(1, 1)) + params.b_enc        # the one matmul
-    vals, idx = jax.lax.top_k(pre, k_max)
+    vals, idx, lidx, mine = _select(pre, k_max, model_axis)
     a = jax.nn.relu(vals)
     if not isinstance(k, int) or k != k_max:
         a = jnp.where(jnp.arange(k_max) < k, a, 0.0)  # k annealed: the first k of k_max
+    a_mine = a if mine is None else jnp.where(mine, a, 0.0)  # coefficient 0: another slice's
     # Without the barrier XLA fuses the top-k into each of the k gathers' consumers.
-    a, idx = jax.lax.optimization_barrier((a, idx))
+    a, idx, a_mine, lidx = jax.lax.optimization_barrier((a, idx, a_mine, lidx))
     # bf16: the inputs of what the dense path's matmuls compute are rounded to bf16, as
     # there (their products are exact in f32, the sums f32).
     r = (lambda z: z.astype(jnp.bfloat16).astype(jnp.float32)) if precision == "bf16" else (lambda z: z)  # noqa: E731
     w_dec = r(params.W_dec)
-    x_hat = params.b_dec + _gather_rows(w_dec, idx, r(a))
+    part = _gather_rows(w_dec, lidx, r(a_mine))
+    if model_axis is not None:
+        part = jax.lax.psum(part, model_axis)
+    x_hat = params.b_dec + part
     err = x_hat - x
     d_xhat = jax.lax.optimization_barrier(err * (2.0 / (global_rows * d)))
-    d_pre = jnp.where(a > 0, _gather_dots(w_dec, idx, r(d_xhat)), 0.0)
-    g_wdec = _chunked_scatter(idx, r(a), r(d_xhat), f)
-    g_wenc = _chunked_scatter(idx, r(d_pre), r(x_bar), f)
-    rows = jnp.zeros((f,), jnp.float32).at[idx.reshape(-1)].add(d_pre.reshape(-1))
+    d_pre = jnp.where(a_mine > 0, _gather_dots(w_dec, lidx, r(d_xhat)), 0.0)
+    g_wdec = _chunked_scatter(lidx, r(a_mine), r(d_xhat), f)
+    g_wenc = _chunked_scatter(lidx, r(d_pre), r(x_bar), f)
+    rows = jnp.zeros((f,), jnp.float32).at[lidx.reshape(-1)].add(d_pre.reshape(-1))
     sq = jnp.sum(jnp.square(err))
     sum_dxhat = jnp.sum(d_xhat, axis=0)
     if axis is not None:
@@ -141,30 +172,28 @@ def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Me
     b = x.shape[0]
     if mesh is None or mesh.size == 1:
         return _local(params, x, k, k_max, precision, b, None)
-    problem = mesh_problem(mesh)
-    if problem:
-        raise ValueError(problem)
     data = parallel.logical_to_spec(("batch",))[0]
+    latent = parallel.logical_to_spec(("latent",))[0]
+    data = data if data is not None and mesh.shape[data] > 1 else None
+    latent = latent if latent is not None and mesh.shape[latent] > 1 else None
     rows, rep = PartitionSpec(data, None), PartitionSpec()
+    per_feature = lambda v: v.ndim >= 1 and v.shape[0] == params.W_enc.shape[0]  # noqa: E731
+    param_specs = jax.tree.map(lambda v: PartitionSpec(latent) if per_feature(v) else rep, params)
+    param_specs = param_specs.replace(b_dec=rep)  # [D], even where D equals F
     static_k = isinstance(k, int)
 
     def local(p, xx, *kk):
-        return _local(p, xx, k if static_k else kk[0], k_max, precision, b, data)
+        return _local(p, xx, k if static_k else kk[0], k_max, precision, b, data, latent)
 
     args = (params, x) if static_k else (params, x, jnp.asarray(k, jnp.int32))
-    in_specs = (jax.tree.map(lambda _: rep, params), rows) + (() if static_k else (rep,))
-    out_specs = (rows, rows, rows, rows, rep, rep, rep, rep, rep)
+    in_specs = (param_specs, rows) + (() if static_k else (rep,))
+    sliced = PartitionSpec(latent)
+    out_specs = (rows, rows, rows, rows, rep, sliced, sliced, sliced, rep)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
 
 
 def mesh_problem(mesh: Mesh | None) -> str | None:
-    """Why ``mesh`` cannot run the sparse step (a split dictionary), or None."""
-    if mesh is None:
-        return None
-    axis = parallel.logical_to_spec(("latent",))[0]
-    if axis is not None and mesh.shape[axis] > 1:
-        return (f"the sparse step needs the dictionary whole on each device; mesh axis "
-                f"{axis!r} splits it into {mesh.shape[axis]} shards (use mesh.model=1 or "
-                f"sae.step_kernel='dense')")
+    """Why ``mesh`` cannot run the sparse step, or None (every data x model mesh can)."""
+    del mesh
     return None
