@@ -210,3 +210,11 @@ def test_analyze_run_on_a_trained_sae(tiny_lm_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(json.loads(res.stdout.strip().splitlines()[-1])["steered"]) == 1
+    # ... and launch/analyze.py, into the run's own analysis/ folder by default.
+    res = subprocess.run([sys.executable, os.path.join(root, "launch", "analyze.py"),
+                          f"--workdir={tmp_path / 'sae'}", "--contexts=16", "--ablation_features=4"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = open(tmp_path / "sae" / "analysis" / "summary.md").read()
+    assert "| dead (silent for the last" in text and "| silent on the analysed tokens |" in text
+    assert os.path.isfile(tmp_path / "sae" / "analysis" / "dashboard" / "index.html")

@@ -266,6 +266,46 @@ def test_a_member_exports_to_saelens_from_the_cli(swept, tmp_path):
         "export: ") and "pass member=<name>" in bad.stderr
 
 
+def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
+    """launch/analyze.py on one member: summary.md (the member's evaluation, dead over the
+    training window and silence on the analysed tokens named apart), features.json and the
+    dashboard, with the member's own training curves; bad flags are one line, exit 2."""
+    cfg, summary = swept
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, f"{ROOT}/launch/analyze.py", f"--workdir={cfg.workdir}",
+                           "--member=topk_8", "--contexts=16", "--ablation_features=4", "--top_k=3",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "analyze: passes done" in proc.stderr  # progress
+    text = open(out / "summary.md").read()
+    assert text == proc.stdout.split("Open: ")[0].rstrip("\n") + "\n"
+    ev = summary["members"]["topk_8"]["eval"]
+    assert "member `topk_8`" in text and "step 30" in text and "(topk, k 8)" in text
+    assert f"| fraction of loss recovered (zero ablation; evaluation at step 30) | " \
+           f"{100 * ev['frac_loss_recovered']:.1f}% |" in text
+    assert f"| L0 (mean active features per held-out token) | {ev['l0']:.1f} |" in text
+    assert "| dead (silent for the last" in text and "| silent on the analysed tokens |" in text
+    data = json.load(open(out / "summary.json"))
+    assert data["meta"]["member"] == "topk_8" and data["meta"]["n_contexts"] == 16
+    assert data["eval"]["l0"] == ev["l0"] and "train/frac_dead" in data["train"]
+    from saejax.analysis import features
+    stats = features.load_stats(str(out / "features.json"))
+    assert stats["meta"]["n_features"] == cfg.member("topk_8").sae.n_features
+    tops = [len(f["top"]) for f in stats["features"]]
+    assert max(tops) == 3  # --top_k reached the statistics
+    page = open(out / "dashboard" / "index.html").read()
+    assert "sweep / topk_8" in page and "training.png" in page  # the member's own curves
+    for flags, want in ((["--member=nope"], "the sweep has no member 'nope'"),
+                        ([], "pass member=<name>"),
+                        (["--member=topk_8", "--contexts=0"], "--contexts=0 must be >= 1"),
+                        (["--member=topk_8", "--split=nope"], "nope")):
+        bad = subprocess.run([sys.executable, f"{ROOT}/launch/analyze.py", f"--workdir={cfg.workdir}",
+                              f"--out={tmp_path / 'x'}", *flags], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        last = bad.stderr.strip().splitlines()[-1]
+        assert bad.returncode == 2 and last.startswith("analyze: ") and want in last, (flags, bad.stderr)
+
+
 def test_a_single_runs_workdir_refuses_member_and_a_sweep_refuses_it(swept, tiny_lm_dir, tmp_path):
     from experiments import sae_tiny
 
