@@ -8,7 +8,8 @@ Stages (each resumes, or is skipped when already complete, on a re-run):
   3. sae: a 4,096-feature dictionary on its MLP neurons with resampling (runs/demo/sae);
   4. report: evaluation, feature statistics (ablation effects for the 1,024 densest
      features; --report_ablation_features=0 for all), plots and the HTML dashboard, and
-     runs/demo/summary.md with loss recovered, L0, dead/dense counts and stage times.
+     runs/demo/summary.md with loss recovered, L0, dead/dense counts and stage times
+     (runs/demo/report/summary.md is the report launch/analyze.py writes for any run).
 """
 
 import json
@@ -47,7 +48,7 @@ def main(argv):
     from saejax.metrics import quiet_orbax_logs
 
     quiet_orbax_logs()
-    from saejax.analysis.report import analyze_run
+    from saejax.analysis.report import analyze_run, write_summary
     from saejax.config import from_config
     from saejax.data.corpus import CorpusJobConfig
     from saejax.data.corpus import build_token_store
@@ -95,6 +96,7 @@ def main(argv):
     report = analyze_run(sae_cfg.workdir, os.path.join(demo, "report"),
                          n_contexts=_CONTEXTS.value, title="saejax demo: 4,096 features",
                          config=FeatureStatsConfig(ablation_max_features=_ABLATE.value or None))
+    write_summary(report, sae_cfg.workdir)  # report/summary.md, as launch/analyze.py writes it
     times["report"] = time.perf_counter() - t
 
     e = sae["eval"]
