@@ -194,7 +194,7 @@ def main():
         cmd = [sys.executable, __file__, "--child", str(n), "--meshes8", args.meshes8, "--d-in", str(args.d_in),
                "--features", args.features, "--precisions", args.precisions, "--batch", str(args.batch),
                "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
-               "--architectures", args.architectures]
+               "--architectures", args.architectures, "--kernels", args.kernels]
         env = dict(os.environ)
         if args.malloc_hugetlb:
             env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))

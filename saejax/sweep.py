@@ -314,7 +314,7 @@ def write_report(cfg: SweepConfig, members: dict[str, dict], groups) -> None:
         json.dump({"rows": rows, "groups": [list(g.names) for g in groups]}, f, indent=1)
     fmt = lambda v, p: "" if v is None else (f"{v:{p}}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| member | architecture | features | k | l1 | l0 coef | lr | seed | L0 | loss recovered "
-             "| explained variance | dead | dense |", "|" + "---|" * 13]
+             "| explained variance | silent on held-out | dense |", "|" + "---|" * 13]
     for r in rows:
         rec = r["frac_loss_recovered"]
         lines.append(f"| {r['member']} | {r['architecture']} | {r['features']} | {fmt(r['k'], 'd')} | "
