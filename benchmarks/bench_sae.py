@@ -212,11 +212,12 @@ def main():
           "% of peak = best step FLOP/s / best measured f32 matmul FLOP/s; paired = median over reps of "
           "(5 x step-shaped matmul time) / (step time), timed back to back")
     print()
-    print("| architecture | devices | mesh (data x model) | D | F | precision | batch | reps | step ms (best / median) "
-          "| tokens/s | GFLOP/s | % of f32 matmul peak | paired |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| architecture | kernel | devices | mesh (data x model) | D | F | precision | batch | reps "
+          "| step ms (best / median) | tokens/s | GFLOP/s | % of f32 matmul peak | paired |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['architecture']} | {r['devices']} | {r['mesh']} | {r['d']} | {r['f']} | {r['precision']} | {r['batch']} "
+        print(f"| {r['architecture']} | {r['kernel']} | {r['devices']} | {r['mesh']} | {r['d']} | {r['f']} "
+              f"| {r['precision']} | {r['batch']} "
               f"| {r['reps']} | {1e3 * r['best_s']:.0f} / {1e3 * r['median_s']:.0f} | {r['tokens_per_s']:,.0f} "
               f"| {r['flops'] / 1e9:.1f} | {100 * r['flops'] / r['peak']:.0f}% | {100 * r['paired']:.0f}% |")
     if args.ground_truth:

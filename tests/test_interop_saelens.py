@@ -242,6 +242,37 @@ def test_imported_saelens_dictionary_steers_the_lm(tiny_lm_dir, tiny_run, tmp_pa
     assert ours == theirs and ours["steered"] != ours["baseline"]
 
 
+def test_imported_saelens_dictionary_feeds_the_dashboard(tiny_lm_dir, tiny_run, tmp_path):
+    """The feature statistics and dashboard of an imported folder equal those of the run's
+    own dictionary (the same features fire on the same contexts, to float rounding)."""
+    from saejax.analysis import dashboard, features
+    from saejax.data.token_store import TokenStore
+    from saejax.lm.restore import load_lm
+    from saejax.record import load_sae
+
+    bundle, record = load_sae(tiny_run)
+    export_saelens(str(tmp_path / "e"), bundle)
+    imported, _ = load_saelens(str(tmp_path / "e"))
+    model, _ = load_lm(tiny_lm_dir)
+    store = TokenStore.open(record.lm.token_store)
+    tokens = store.read("val", 0, 16)
+    cfg = features.FeatureStatsConfig(batch_size=8, top_k=4, ablation_max_features=4)
+    ours, theirs = (features.compute_feature_stats(model, b, tokens, cfg, tokenizer=store.tokenizer())
+                    for b in (bundle, imported))
+    assert theirs["dead"] == ours["dead"] and ours["summary"]["alive"] > 0
+    np.testing.assert_allclose(theirs["density"], ours["density"], atol=2 / tokens.size)
+    alive = [i for i in range(len(ours["features"])) if ours["density"][i] > 0]
+    assert alive
+    for i in alive:
+        a, b = ours["features"][i], theirs["features"][i]
+        np.testing.assert_allclose(b["max_act"], a["max_act"], rtol=1e-4, atol=1e-4)
+        top = a["top"]
+        if len(top) > 1 and top[0]["act"] - top[1]["act"] > 1e-3 * abs(top[0]["act"]):
+            assert (b["top"][0]["row"], b["top"][0]["pos"]) == (top[0]["row"], top[0]["pos"])
+    index = dashboard.write_dashboard(theirs, str(tmp_path / "dash"), title="imported")
+    assert os.path.isfile(index) and "imported" in open(index).read()
+
+
 def run_export(*args):
     proc = subprocess.run([sys.executable, f"{ROOT}/launch/export.py", *args], cwd=ROOT,
                           env=dict(os.environ), capture_output=True, text=True, timeout=300)
