@@ -154,6 +154,12 @@ def test_the_sharded_kernel_equals_one_device(shape, devices):
         for got, want in zip(shard[2:], one[2:], strict=True):
             want = np.asarray(want)
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * np.max(np.abs(want)))
+    # Slices narrower than k (64 features in 8 slices of 8, k 16): each offers all it has.
+    _, params, x = problem(f=64)
+    one = sparse.core(params, x, 16, 16, "f32", None)
+    shard = jax.jit(lambda p, xx: sparse.core(p, xx, 16, 16, "f32", mesh_of(devices, 1, 8)))(params, x)
+    np.testing.assert_array_equal(np.asarray(shard[1]), np.asarray(one[1]))
+    np.testing.assert_allclose(np.asarray(shard[5]), np.asarray(one[5]), rtol=1e-5, atol=1e-7)
 
 
 def test_k_equal_to_f_and_ties_at_zero_equal_the_dense_path():

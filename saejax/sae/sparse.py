@@ -117,10 +117,11 @@ def _select(pre: Float[Array, "B Fs"], k_max: int, model_axis: str | None):
     ``mine`` marks the winners this slice holds (None: all), and their local indices are
     valid only there (0 elsewhere).
     """
-    vals, idx = jax.lax.top_k(pre, k_max)
+    f_local = pre.shape[1]
+    # A slice narrower than k_max offers all of its features (M slices still hold F >= k).
+    vals, idx = jax.lax.top_k(pre, min(k_max, f_local))
     if model_axis is None:
         return vals, idx, idx, None
-    f_local = pre.shape[1]
     offset = jax.lax.axis_index(model_axis) * f_local
     cand_vals = jax.lax.all_gather(vals, model_axis, axis=1, tiled=True)          # [B, M k]
     cand_idx = jax.lax.all_gather(idx + offset, model_axis, axis=1, tiled=True)
