@@ -312,7 +312,7 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     if sparse is None:
         sparse = _sparse.use_sparse(config, mesh)
     if sparse:
-        return _sparse_forward_backward(params, x, config, stale, ctx, mesh)
+        return _sparse.forward_backward(params, x, config, stale, ctx, mesh)
     if feature_major is None:
         feature_major = arch.feature_major and cpu_layout()
     feature_major = feature_major and not arch.nested
@@ -433,30 +433,6 @@ def forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfi
     grads = SAEParams(W_enc=g_wenc, b_enc=g_benc, W_dec=g_wdec, b_dec=g_bdec, extra=g_extra)
     return Forward(loss=recon + penalty + aux_loss, mse=mse, penalty=penalty, aux_loss=aux_loss,
                    f=view(f_l), x_hat=x_hat, grads=grads, stats=stats)
-
-
-def _sparse_forward_backward(params: SAEParams, x: Float[Array, "B D"], config: SAEConfig,
-                             stale: Int[Array, " F"] | None, ctx: Context, mesh) -> Forward:
-    """:func:`forward_backward` for TopK on the k active features (:mod:`saejax.sae.sparse`)."""
-    b, d = x.shape
-    a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat = _sparse.core(
-        params, x, ctx.k, ctx.k_max, config.precision, mesh)
-    recon = sq / (b * d)
-    aux_loss = jnp.zeros((), jnp.float32)
-    if config.aux_k > 0 and stale is not None:
-        args = (params, x - params.b_dec, -err, stale)
-        aux = jax.lax.cond(jnp.any(dead_mask(stale, config)), functools.partial(auxk.auxk, config=config),
-                           functools.partial(auxk.no_auxk, config=config), *args)
-        aux_loss = aux.loss
-        g_wdec = g_wdec.at[aux.idx].add(aux.W_dec)
-        g_wenc = g_wenc.at[aux.idx].add(aux.W_enc)
-        rows = rows.at[aux.idx].add(aux.b_enc)
-    g_bdec = sum_dxhat - jnp.dot(rows, params.W_enc, precision=jax.lax.Precision.HIGHEST)
-    grads = SAEParams(W_enc=g_wenc, b_enc=rows, W_dec=g_wdec, b_dec=g_bdec,
-                      extra={name: jnp.zeros_like(v) for name, v in params.extra.items()})
-    zero = jnp.zeros((), jnp.float32)
-    return Forward(loss=recon + aux_loss, mse=recon, penalty=zero, aux_loss=aux_loss, f=None,
-                   x_hat=x_hat, grads=grads, stats={}, active=(a, idx))
 
 
 def project_decoder_grad(grad_wdec: Float[Array, "F D"], w_dec: Float[Array, "F D"]) -> Float[Array, "F D"]:

@@ -41,6 +41,7 @@ Legend: B batch, D input width, F features, k active features per input.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
+from saejax.sae import auxk, dead
 from saejax.sae.matmul import mm as _mm
 
 CHUNK = 128  # batch rows per scatter-add update (k * CHUNK * D floats: 8 MB at k 32, D 512)
@@ -194,3 +196,28 @@ def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Me
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
 
+
+def forward_backward(params, x: Float[Array, "B D"], config, stale: Int[Array, " F"] | None, ctx, mesh):
+    """:func:`saejax.sae.model.forward_backward` for TopK on the k active features: the
+    reconstruction through :func:`core`, AuxK on the dense path's terms, a ``Forward`` whose
+    features are ``active`` = (values, indices) [B, k]."""
+    from saejax.sae.model import Forward, SAEParams  # model imports this module
+    b, d = x.shape
+    a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat = core(
+        params, x, ctx.k, ctx.k_max, config.precision, mesh)
+    recon = sq / (b * d)
+    aux_loss = jnp.zeros((), jnp.float32)
+    if config.aux_k > 0 and stale is not None:
+        args = (params, x - params.b_dec, -err, stale)
+        aux = jax.lax.cond(jnp.any(dead.dead_mask(stale, config)), functools.partial(auxk.auxk, config=config),
+                           functools.partial(auxk.no_auxk, config=config), *args)
+        aux_loss = aux.loss
+        g_wdec = g_wdec.at[aux.idx].add(aux.W_dec)
+        g_wenc = g_wenc.at[aux.idx].add(aux.W_enc)
+        rows = rows.at[aux.idx].add(aux.b_enc)
+    g_bdec = sum_dxhat - jnp.dot(rows, params.W_enc, precision=jax.lax.Precision.HIGHEST)
+    grads = SAEParams(W_enc=g_wenc, b_enc=rows, W_dec=g_wdec, b_dec=g_bdec,
+                      extra={name: jnp.zeros_like(v) for name, v in params.extra.items()})
+    zero = jnp.zeros((), jnp.float32)
+    return Forward(loss=recon + aux_loss, mse=recon, penalty=zero, aux_loss=aux_loss, f=None,
+                   x_hat=x_hat, grads=grads, stats={}, active=(a, idx))
