@@ -53,7 +53,7 @@ from jaxtyping import Array, Float, Int
 
 from saejax.config import check, check_choice, check_positive
 from saejax.lm.model import (ACTIVATIONS, KVCache, LayerNorm, Output, _Hooks, _normal, _ones,
-                             _param, _zeros)
+                             _param, _zeros, check_call, unembed)
 from saejax.lm.sites import Intervention
 
 Norm = Literal["layernorm", "rmsnorm"]
@@ -313,13 +313,8 @@ class RotaryTransformer(nnx.Module):
                  cache: KVCache | None = None, start: int | Int[Array, ""] = 0) -> Output:
         """Runs the model; arguments and result as ``saejax.lm.model.Transformer.__call__``."""
         cfg = self.cfg
-        if not logits and not sites:
-            raise ValueError("logits=False needs at least one site to return")
-        if isinstance(start, int) and start + tokens.shape[1] > cfg.max_len:
-            raise ValueError(f"positions up to {start + tokens.shape[1]} exceed max_len "
-                             f"{cfg.max_len}")
+        check_call(cfg, tokens, sites, logits, start)
         hooks = _Hooks(sites, interventions, cfg.n_layers, stop_early=not logits)
-        B, T = tokens.shape
         x = jnp.take(self.wte[...], tokens, axis=0)
         new_cache = []
         for layer, block in enumerate(self.blocks):
@@ -345,12 +340,7 @@ class RotaryTransformer(nnx.Module):
                 return Output(None, hooks.acts, None)
         if not logits:
             return Output(None, hooks.acts, None)
-        x = self.ln_f(x)
-        w_u = self.wte[...].T if cfg.tie_embeddings else self.w_u[...]
-        dtype = jnp.dtype(cfg.compute_dtype)
-        out = (x.reshape(B * T, -1).astype(dtype) @ w_u.astype(dtype)).reshape(B, T, -1)
-        return Output(out.astype(jnp.float32), hooks.acts,
-                      None if cache is None else tuple(new_cache))
+        return unembed(self, x, hooks.acts, None if cache is None else tuple(new_cache))
 
 
 def abstract_family_model(cfg: FamilyConfig) -> RotaryTransformer:

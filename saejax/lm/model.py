@@ -179,6 +179,26 @@ class _Hooks:
         return self.stop_early and len(self.acts) == len(self.want)
 
 
+def check_call(cfg, tokens: Int[Array, "B T"], sites, logits: bool, start) -> None:
+    """The argument checks of every model's ``__call__`` (this one and lm/families.py's)."""
+    if not logits and not sites:
+        raise ValueError("logits=False needs at least one site to return")
+    if isinstance(start, int) and start + tokens.shape[1] > cfg.max_len:
+        raise ValueError(f"positions up to {start + tokens.shape[1]} exceed max_len "
+                         f"{cfg.max_len}")
+
+
+def unembed(model, x: Float[Array, "B T D"], acts, cache) -> Output:
+    """Final norm and unembedding (tied or not) in ``compute_dtype``; float32 logits."""
+    cfg = model.cfg
+    b, t = x.shape[:2]
+    x = model.ln_f(x)
+    w_u = model.wte[...].T if cfg.tie_embeddings else model.w_u[...]
+    dtype = jnp.dtype(cfg.compute_dtype)
+    out = x.reshape(b * t, -1).astype(dtype) @ w_u.astype(dtype)
+    return Output(out.reshape(b, t, -1).astype(jnp.float32), acts, cache)
+
+
 class Transformer(nnx.Module):
     """Decoder-only transformer; ``Transformer(cfg, rngs=nnx.Rngs(seed))``."""
 
@@ -221,13 +241,9 @@ class Transformer(nnx.Module):
           :class:`Output` (logits, acts, cache).
         """
         cfg = self.cfg
-        if not logits and not sites:
-            raise ValueError("logits=False needs at least one site to return")
-        if isinstance(start, int) and start + tokens.shape[1] > cfg.max_len:
-            raise ValueError(f"positions up to {start + tokens.shape[1]} exceed max_len "
-                             f"{cfg.max_len}")
+        check_call(cfg, tokens, sites, logits, start)
         hooks = _Hooks(sites, interventions, cfg.n_layers, stop_early=not logits)
-        B, T = tokens.shape
+        T = tokens.shape[1]
         pos = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, T, axis=0)
         x = jnp.take(self.wte[...], tokens, axis=0) + pos[None]
         new_cache = []
@@ -253,12 +269,7 @@ class Transformer(nnx.Module):
                 return Output(None, hooks.acts, None)
         if not logits:  # only reachable if a site was never produced (cannot happen)
             return Output(None, hooks.acts, None)
-        x = self.ln_f(x)
-        w_u = self.wte[...].T if cfg.tie_embeddings else self.w_u[...]
-        dtype = jnp.dtype(cfg.compute_dtype)
-        out = x.reshape(B * T, -1).astype(dtype) @ w_u.astype(dtype)
-        out = out.reshape(B, T, -1).astype(jnp.float32)
-        return Output(out, hooks.acts, None if cache is None else tuple(new_cache))
+        return unembed(self, x, hooks.acts, None if cache is None else tuple(new_cache))
 
 
 def init_params(cfg: ModelConfig, seed: int = 0,
