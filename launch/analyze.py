@@ -1,16 +1,19 @@
 """Analyses a trained SAE run (or one member of a sweep) into a report.
 
     python launch/analyze.py --workdir=runs/sae/tiny
-    python launch/analyze.py --workdir=runs/demo/sweep --member=topk_k24 --contexts=1024 \
+    python launch/analyze.py --workdir=runs/demo/sweep --member=topk_k24 --tokens=500000 \
         --ablation_features=256 --out=reports/k24
 
 Writes to ``--out`` (default ``<workdir>/analysis``, or ``<workdir>/members/<name>/analysis``):
 ``summary.md`` and ``summary.json`` (the run's last evaluation, dead features over the
-training window, and what the analysed tokens showed), ``features.json`` (per-feature
+training window, what the analysed tokens showed, and the automatic interpretability
+scores of features beside neurons), ``features.json`` and ``neurons.json`` (per-unit
 statistics: density, activation histograms, top and interval-sampled contexts, logit and
-ablation effects) and ``dashboard/index.html`` with its plots. The run's record names its
-LM and token store; the contexts are read from the store's ``--split`` (held-out by default).
-The latest checkpoint is analysed, or ``--step``.
+ablation effects, explanations and scores, neighbours) and ``dashboard/index.html`` with
+its plots (neuron pages under ``dashboard/neurons/``). The run's record names its LM and
+token store; ``--tokens`` (2M by default) are read from the validation split first, then
+from training contexts (``--split``), in one streaming pass per unit kind with progress
+bars. The latest checkpoint is analysed, or ``--step``.
 """
 
 import os
@@ -28,8 +31,12 @@ flags.DEFINE_string("workdir", None, "SAE training workdir (launch/train_sae.py'
 flags.DEFINE_string("member", None, "the dictionary of a sweep's workdir to analyse")
 flags.DEFINE_integer("step", None, "checkpoint step (default latest)")
 flags.DEFINE_string("out", None, "output folder (default <workdir>/analysis)")
-flags.DEFINE_integer("contexts", 512, "contexts to analyse (capped by the split's size)")
-flags.DEFINE_string("split", "val", "token-store split to read the contexts from")
+flags.DEFINE_integer("tokens", 2_000_000, "tokens to analyse (capped by what the store holds)")
+flags.DEFINE_integer("contexts", None, "contexts to analyse instead of --tokens")
+flags.DEFINE_string("split", "val+train", "where the contexts come from: val, train, or "
+                    "val+train (the validation split first, then training contexts)")
+flags.DEFINE_bool("neurons", True, "also analyse the site's neurons (an MLP site), for the "
+                  "side-by-side comparison")
 flags.DEFINE_integer("ablation_features", 1024, "features (densest first) whose ablation "
                      "effect on log-likelihood is measured; each costs 4 LM forwards "
                      "(0 = every alive feature)")
@@ -51,8 +58,11 @@ def check_split(workdir: str, member: str | None, step: int | None, split: str) 
         raise cli.UsageError(f"--workdir: {e}") from None
     if record.lm is None or record.lm.token_store is None:
         return  # analyze_run says what is missing
+    if split not in ("val", "train", "val+train"):
+        raise cli.UsageError(f"--split={split!r} must be val, train or val+train")
     try:
-        TokenStore.open(record.lm.token_store).rows(split)
+        for name in split.split("+"):
+            TokenStore.open(record.lm.token_store).rows(name)
     except KeyError as e:
         raise cli.UsageError(f"--split: {e.args[0]}") from None
 
@@ -68,8 +78,10 @@ def main(argv):
     from saejax.metrics import quiet_orbax_logs
 
     quiet_orbax_logs()
-    if FLAGS.contexts < 1:
+    if FLAGS.contexts is not None and FLAGS.contexts < 1:
         raise cli.UsageError(f"--contexts={FLAGS.contexts} must be >= 1")
+    if FLAGS.tokens < 1:
+        raise cli.UsageError(f"--tokens={FLAGS.tokens} must be >= 1")
     if FLAGS.ablation_features < 0:
         raise cli.UsageError(f"--ablation_features={FLAGS.ablation_features} must be >= 0")
     if not os.path.isdir(FLAGS.workdir):
@@ -85,9 +97,10 @@ def main(argv):
 
     logging.info("analysing %s%s", FLAGS.workdir, f" member {FLAGS.member}" if FLAGS.member else "")
     try:
-        report = analyze_run(FLAGS.workdir, FLAGS.out, n_contexts=FLAGS.contexts, split=FLAGS.split,
-                             config=config, step=FLAGS.step, title=FLAGS.title, member=FLAGS.member,
-                             progress=progress)
+        report = analyze_run(FLAGS.workdir, FLAGS.out, n_contexts=FLAGS.contexts,
+                             n_tokens=FLAGS.tokens, split=FLAGS.split, config=config,
+                             step=FLAGS.step, title=FLAGS.title, member=FLAGS.member,
+                             progress=progress, neurons=FLAGS.neurons, show_progress=True)
     except FileNotFoundError as e:
         raise cli.UsageError(f"--workdir: {e}") from None
     summary = write_summary(report, FLAGS.workdir, FLAGS.member)

@@ -6,10 +6,12 @@ Stages (each resumes, or is skipped when already complete, on a re-run):
   1. corpus: this Python's stdlib source -> BPE-4096 token store (runs/demo/corpus);
   2. lm: the paper's 1-layer model (d_model 128, 512 ReLU neurons), 600 steps (runs/demo/lm);
   3. sae: a 4,096-feature dictionary on its MLP neurons with resampling (runs/demo/sae);
-  4. report: evaluation, feature statistics (ablation effects for the 1,024 densest
-     features; --report_ablation_features=0 for all), plots and the HTML dashboard, and
-     runs/demo/summary.md with loss recovered, L0, dead/dense counts and stage times
-     (runs/demo/report/summary.md is the report launch/analyze.py writes for any run).
+  4. report: the analysis launch/analyze.py runs for any run (saejax.analysis.report):
+     statistics of the 4,096 features and of the 512 MLP neurons over 2M tokens
+     (--report_tokens), ablation effects for the 1,024 densest features
+     (--report_ablation_features=0 for all), automatic interpretability scores of features
+     beside neurons, plots and the HTML dashboard (runs/demo/report/summary.md), and
+     runs/demo/summary.md with loss recovered, L0, dead/dense counts and stage times.
 """
 
 import json
@@ -29,7 +31,9 @@ _LM_STEPS = flags.DEFINE_integer(
     "lm_steps", 600, "LM training steps (experiments/lm_paper.py runs 800; the demo stops at "
     "600 to fit its 20-minute budget)")
 _SAE_STEPS = flags.DEFINE_integer("sae_steps", None, "override the SAE's training steps")
-_CONTEXTS = flags.DEFINE_integer("report_contexts", 512, "held-out contexts for the report")
+_TOKENS = flags.DEFINE_integer(
+    "report_tokens", 2_000_000, "tokens the report analyses (the validation split first, then "
+    "training contexts), for the features and again for the MLP neurons")
 _ALLOW = cli.define_allow_changes()
 _ABLATE = flags.DEFINE_integer(
     "report_ablation_features", 1024, "features (densest first) whose ablation effect on "
@@ -48,7 +52,7 @@ def main(argv):
     from saejax.metrics import quiet_orbax_logs
 
     quiet_orbax_logs()
-    from saejax.analysis.report import analyze_run, write_summary
+    from saejax.analysis.report import last_training_metrics, analyze_run, write_summary
     from saejax.config import from_config
     from saejax.data.corpus import CorpusJobConfig
     from saejax.data.corpus import build_token_store
@@ -94,12 +98,17 @@ def main(argv):
     from saejax.analysis.features import FeatureStatsConfig
 
     report = analyze_run(sae_cfg.workdir, os.path.join(demo, "report"),
-                         n_contexts=_CONTEXTS.value, title="saejax demo: 4,096 features",
-                         config=FeatureStatsConfig(ablation_max_features=_ABLATE.value or None))
+                         n_tokens=_TOKENS.value, title="saejax demo: 4,096 features",
+                         config=FeatureStatsConfig(ablation_max_features=_ABLATE.value or None),
+                         show_progress=True)
     write_summary(report, sae_cfg.workdir)  # report/summary.md, as launch/analyze.py writes it
     times["report"] = time.perf_counter() - t
 
     e = sae["eval"]
+    # A re-run whose SAE stage was already complete logs no training window: read the last
+    # one the run wrote.
+    train_last = sae["train"] or {k.removeprefix("train/"): v for k, v in last_training_metrics(
+        os.path.join(sae_cfg.workdir, "metrics.jsonl")).items() if k.startswith("train/")}
     lines = [
         "# saejax demo", "",
         f"Corpus: {store}  ",
@@ -115,8 +124,8 @@ def main(argv):
         f"| L0 (mean active features per token) | {e['l0']:.1f} |",
         f"| dead features (silent for the last {sae_cfg.sae.dead_window} training steps = "
         f"{sae_cfg.sae.dead_window * sae_cfg.batch_size:,} inputs) | "
-        f"{100 * sae['train']['frac_dead']:.1f}% |",
-        f"| features with no activation on the {e['eval_tokens']:,} held-out tokens | "
+        f"{100 * train_last['frac_dead']:.1f}% |",
+        f"| silent on the {e['eval_tokens']:,} held-out evaluation tokens | "
         f"{e['dead_features']} ({100 * e['dead_features'] / sae_cfg.sae.n_features:.1f}%) |",
         f"| dense features (density > 1%) | {e['dense_features']} |",
         f"| explained variance | {e['explained_variance']:.3f} |",
@@ -129,13 +138,15 @@ def main(argv):
         f"Ablation effects were measured for the {_ABLATE.value or 'all alive'} densest "
         f"features (--report_ablation_features).  ",
         f"Dashboard: {os.path.abspath(report['dashboard'])}  ",
-        f"Feature statistics: {os.path.abspath(report['stats'])}",
+        f"Feature statistics: {os.path.abspath(report['stats'])}  ",
+        f"Analysis of {report['meta']['n_tokens']:,} tokens ({report['meta']['split']}): "
+        f"{os.path.abspath(os.path.join(report['out_dir'], 'summary.md'))}",
     ]
     summary_path = os.path.join(demo, "summary.md")
     with open(summary_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(demo, "summary.json"), "w") as f:
-        json.dump({"eval": e, "train": sae["train"], "times": times,
+        json.dump({"eval": e, "train": train_last, "times": times,
                    "lm": {k: lm[k] for k in ("val_loss", "unigram_val", "step")}}, f, indent=1)
     print("\n".join(lines))
     print(f"\nsaejax demo done in {sum(times.values()) / 60:.1f} min. Open the report:\n"

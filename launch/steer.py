@@ -14,6 +14,9 @@ The dictionary comes from an SAE training run (``--workdir``, latest checkpoint 
 name ``lm_dir`` and ``store_dir``, or a SAELens SAE folder (``--sae=folder``,
 :func:`saejax.interop.saelens.load_saelens`; give ``--lm_dir`` and ``--store_dir``).
 ``--lm_dir`` / ``--store_dir`` override either.
+
+Only the results go to stdout and only warnings and one-line errors to stderr (absl INFO
+lines, e.g. orbax's restore log, are off unless ``--verbosity=0``).
 """
 
 import json
@@ -90,8 +93,21 @@ def load_inputs(sae_path: str | None, workdir: str | None, step: int | None,
     return model, sae, load_tokenizer(store_dir)
 
 
+def quiet_logs() -> None:
+    """Only results and one-line errors: no orbax restore chatter, no INFO lines (jax's
+    backend probing, ...); warnings stay. ``--verbosity=0`` brings the INFO lines back."""
+    from absl import logging
+
+    from saejax.metrics import quiet_orbax_logs
+
+    quiet_orbax_logs()
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
     del argv
+    quiet_logs()
     from saejax.analysis.steering import steer_text
 
     if (FLAGS.value is None) == (FLAGS.scale is None):

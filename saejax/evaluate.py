@@ -13,8 +13,15 @@ clean next-token distribution to the spliced / ablated ones, per token.
 
 Without an LM (a dictionary trained on activations alone), :func:`make_activation_eval_step`
 computes what needs none from held-out activation rows: MSE, explained variance, L0 and
-per-feature firing (dead / dense counts, density histogram). Both steps return sums that
+per-feature firing (silent / dense counts, density histogram). Both steps return sums that
 :func:`summarize` turns into the same metric names.
+
+Held-out data is read at most once: :func:`plan_batches` caps the requested evaluation at
+the whole batches the data holds (never cycling a short validation split) and logs one
+warning naming the requested and the available tokens; ``eval_tokens`` in the result is
+the number of tokens actually evaluated. ``dead_features`` in the result counts the
+features *silent on those evaluated tokens*, which is not the training-window "dead"
+(``SAEConfig.dead_window``).
 
 Legend: B batch (contexts), T sequence, D site width, F features, V vocabulary.
 """
@@ -27,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
@@ -149,6 +157,42 @@ def summarize(sums: dict[str, np.ndarray], dense_threshold: float = 0.01) -> dic
     }
 
 
+def plan_batches(requested: int, batch: int, available: int, *, field: str, what: str,
+                 unit: str = "tokens", tokens_per_row: int = 1) -> int:
+    """Whole batches to evaluate: ``requested`` rows, but each of the ``available`` at most once.
+
+    A held-out set smaller than the request is evaluated once, as far as it fills whole
+    batches, instead of being cycled; one warning line then names the requested, available
+    and evaluated tokens.
+
+    Args:
+      requested: rows (contexts, or activation rows) the config asks for.
+      batch: rows per evaluation batch.
+      available: rows the held-out data holds.
+      field: the config field behind ``requested`` (for the warning), e.g. "eval.contexts".
+      what: the held-out data (for the warning), e.g. "the token store's 'val' split".
+      unit: what a row is ("contexts", or "tokens" for activation rows).
+      tokens_per_row: tokens a row contributes to the evaluation (the context length).
+
+    Returns:
+      The number of batches to read: ``requested // batch`` (at least 1), capped at
+      ``available // batch`` (at least 1; loaders refuse data smaller than one batch).
+    """
+    want = max(1, requested // batch)
+    have = max(1, available // batch)
+    if want <= have:
+        return want
+
+    def count(rows: int) -> str:
+        return (f"{rows:,} {unit}" if unit == "tokens"
+                else f"{rows:,} {unit} ({rows * tokens_per_row:,} tokens)")
+
+    logging.warning("evaluation: %s = %s requested, but %s holds %s: evaluating on %s, "
+                    "each once", field, count(requested), what, count(available),
+                    count(have * batch))
+    return have
+
+
 def _accumulate(outs: Iterable[dict[str, Array]], dense_threshold: float) -> dict[str, Any]:
     total = None
     for out in outs:
@@ -172,7 +216,8 @@ def evaluate_activations(step, splice_params, batches: Iterable[Float[Array, "B 
 
 def density_histogram(density: np.ndarray, floor: float = 1e-10, bins: int = 50
                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """log10 feature-density histogram of the features that fired, and the dead count."""
+    """log10 feature-density histogram of the features that fired, and the count of those
+    that never fired (silent on the evaluated tokens)."""
     alive = density[density > 0]
     hist, edges = np.histogram(np.log10(np.maximum(alive, floor)), bins=bins,
                                range=(np.log10(floor), 0.0))

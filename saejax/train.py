@@ -223,5 +223,6 @@ def _log_eval(step: int, e: dict) -> None:
     head = (f"loss recovered {100 * e['frac_loss_recovered']:.1f}% (mean-ablation "
             f"{100 * e['frac_loss_recovered_mean_ablation']:.1f}%), "
             if "frac_loss_recovered" in e else "")
-    logging.info("step %d: %sL0 %.1f, dead %d, dense %d, explained variance %.3f", step, head,
-                 e["l0"], e["dead_features"], e["dense_features"], e["explained_variance"])
+    logging.info("step %d: %sL0 %.1f, silent on held-out %d, dense %d, explained variance "
+                 "%.3f", step, head, e["l0"], e["dead_features"], e["dense_features"],
+                 e["explained_variance"])

@@ -160,10 +160,13 @@ class RunEvaluation:
         if lm is not None:
             self.loader = TokenLoader(lm.store, "val", loader, mesh,
                                       batch_field="eval.batch_contexts")
-            self.n = cfg.eval.contexts // cfg.eval.batch_contexts
+            self.n = evaluate.plan_batches(
+                cfg.eval.contexts, cfg.eval.batch_contexts, lm.store.rows("val"),
+                field="eval.contexts", what="the token store's 'val' split", unit="contexts",
+                tokens_per_row=lm.context)
             self.step = evaluate.make_eval_step(lm.graphdef, lm.site, splice, lm.context)
             self.lm_params, self.mean = lm.params, jnp.asarray(record.stats.mean, jnp.float32)
-            self.data = {"eval_data": "LM validation split", "eval_contexts": cfg.eval.contexts}
+            self.data = {"eval_data": "LM validation split", "eval_contexts": self.n * cfg.eval.batch_contexts}
             return
         store, in_sample = self._held_out_store(source.activation_store(), record.site)
         if store.d != cfg.sae.d_in:
@@ -172,7 +175,8 @@ class RunEvaluation:
         self.loader = ActivationLoader(store, LoaderConfig(
             batch_size=cfg.batch_size, shuffle=False, num_epochs=None, prefetch=0), mesh,
             batch_field="batch_size")
-        self.n = max(1, min(cfg.eval.rows, store.rows) // cfg.batch_size)
+        self.n = evaluate.plan_batches(cfg.eval.rows, cfg.batch_size, store.rows,
+                                       field="eval.rows", what=f"{store.directory!r}")
         self.step = evaluate.make_activation_eval_step(splice)
         self.data = {"eval_data": os.path.abspath(store.directory), "eval_in_sample": in_sample}
         if in_sample:

@@ -60,6 +60,7 @@ def planted_tokens():
 
 
 CFG = features.FeatureStatsConfig(batch_size=16, top_k=8, n_intervals=4, samples_per_interval=3,
+                                  interp=False,
                                   window_before=3, window_after=2, hist_bins=8,
                                   n_logit_tokens=3, ablation_contexts=2)
 
@@ -90,7 +91,7 @@ def test_density_and_lists(stats):
     assert stats["density"][3] == pytest.approx(len(PLANTED) / (N * T))
     assert stats["density"][0] == pytest.approx(np.mean(toks == Q))
     assert stats["density"][2] == 1.0
-    assert 1 in stats["dead"] and 3 not in stats["dead"]
+    assert 1 in stats["silent"] and 3 not in stats["silent"]
     assert stats["dense"] == [0, 2]  # Q is ~1/V = 3% of tokens
     assert stats["meta"]["n_tokens"] == N * T
     l0 = np.asarray(stats["l0_hist"])
@@ -185,3 +186,18 @@ def test_sae_export_round_trip(tmp_path):
     assert extra == {"step": 5} and back.site == "resid.pre" and back.norm_scale == 3.0
     assert back.config == sae.config
     np.testing.assert_array_equal(back.params.W_enc, sae.params.W_enc)
+
+
+def test_the_interpretability_score_explains_the_planted_feature():
+    """Feature 0 fires exactly on token Q: its explanation is Q, and it predicts held-out
+    firing; feature 2 fires on every token (nothing to tell apart: not scored)."""
+    import dataclasses
+
+    stats = features.compute_feature_stats(
+        planted_lm(), planted_sae(norm_scale=2.0), planted_tokens(),
+        dataclasses.replace(CFG, interp=True, interp_min_firings=5), vocab=[f"t{i}" for i in range(V)])
+    rec = stats["features"][0]["interp"]
+    assert rec["kind"] == "token" and rec["tokens"] == [Q]
+    assert rec["auroc"] == 1.0 and rec["precision"] == 1.0 and rec["recall"] == 1.0
+    assert stats["features"][2]["interp"] is None and stats["features"][1]["interp"] is None
+    assert stats["summary"]["interp"]["n_scored"] >= 1

@@ -259,7 +259,7 @@ def test_imported_saelens_dictionary_feeds_the_dashboard(tiny_lm_dir, tiny_run, 
     cfg = features.FeatureStatsConfig(batch_size=8, top_k=4, ablation_max_features=4)
     ours, theirs = (features.compute_feature_stats(model, b, tokens, cfg, tokenizer=store.tokenizer())
                     for b in (bundle, imported))
-    assert theirs["dead"] == ours["dead"] and ours["summary"]["alive"] > 0
+    assert theirs["silent"] == ours["silent"] and ours["summary"]["alive"] > 0
     np.testing.assert_allclose(theirs["density"], ours["density"], atol=2 / tokens.size)
     alive = [i for i in range(len(ours["features"])) if ours["density"][i] > 0]
     assert alive

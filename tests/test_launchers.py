@@ -316,3 +316,44 @@ def test_memory_comm_model_matches_compiled_hlo():
     assert 4 * b_local * 64 in r["payloads"], r
     assert r["all_reduce_bytes"] <= grad + 4 * b_local * 64 + 4096, r
     assert r["xla_total"] <= r["estimate"], r  # the estimate is an upper bound here
+
+
+# ---------------------------------------------------------------- launch/steer.py
+
+ABSL_LINE = r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "  # absl's log-line prefix
+
+
+def test_steer_prints_only_its_results(tiny_lm_dir, tmp_path):
+    """launch/steer.py writes its JSON and nothing else: no orbax restore chatter, no absl
+    INFO lines (jax's backend probing), on stdout or stderr."""
+    import json
+    import re
+
+    import jax
+    import numpy as np
+
+    from experiments import lm_tiny
+    from saejax.normalize import Normalizer
+    from saejax.sae.bundle import SAEBundle, save_bundle
+    from saejax.sae.config import SAEConfig
+    from saejax.sae.model import init_params
+
+    d = lm_tiny.get_config().model.d_mlp
+    cfg = SAEConfig(d_in=d, n_features=16)
+    save_bundle(str(tmp_path / "sae.npz"),
+                SAEBundle(init_params(jax.random.key(0), cfg, np.zeros(d)), cfg,
+                          normalizer=Normalizer(1.0), site="mlp.post"),
+                extra={"lm_dir": tiny_lm_dir})
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "steer.py"),
+                          f"--sae={tmp_path / 'sae.npz'}", "--feature=3", "--value=5",
+                          "--prompt=ab", "--num_tokens=4", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert len(lines) == 1, res.stdout
+    out = json.loads(lines[0])
+    assert out["feature"] == 3 and len(out["baseline"]) == len(out["steered"]) == 1
+    noise = [ln for ln in res.stderr.splitlines()
+             if re.match(ABSL_LINE, ln) and not ln.startswith(("W", "E", "F"))
+             or "orbax" in ln.lower()]
+    assert not noise, "\n".join(noise[:5])

@@ -276,7 +276,7 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
                            "--member=topk_8", "--contexts=16", "--ablation_features=4", "--top_k=3",
                            f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "analyze: passes done" in proc.stderr  # progress
+    assert "analyze: pass done" in proc.stderr and "tok/s" in proc.stderr  # progress
     text = open(out / "summary.md").read()
     assert text == proc.stdout.split("Open: ")[0].rstrip("\n") + "\n"
     ev = summary["members"]["topk_8"]["eval"]
@@ -294,7 +294,7 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
     tops = [len(f["top"]) for f in stats["features"]]
     assert max(tops) == 3  # --top_k reached the statistics
     page = open(out / "dashboard" / "index.html").read()
-    assert "sweep / topk_8" in page and "training.png" in page  # the member's own curves
+    assert "sweep / topk_8" in page and "plots/training_train_loss.png" in page  # own curves
     for flags, want in ((["--member=nope"], "the sweep has no member 'nope'"),
                         ([], "pass member=<name>"),
                         (["--member=topk_8", "--contexts=0"], "--contexts=0 must be >= 1"),
@@ -304,6 +304,51 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
                              text=True, timeout=300)
         last = bad.stderr.strip().splitlines()[-1]
         assert bad.returncode == 2 and last.startswith("analyze: ") and want in last, (flags, bad.stderr)
+
+
+def test_concept_search_and_feature_splitting_from_the_cli(swept, tmp_path):
+    """launch/search.py ranks a member's features for example texts (the top one fires on
+    them); launch/split.py matches two members' dictionaries; bad flags are one line."""
+    cfg, _ = swept
+    proc = subprocess.run([sys.executable, f"{ROOT}/launch/search.py", f"--workdir={cfg.workdir}",
+                           "--member=topk_8", "--example=def f(x):", "--example=def g(y):",
+                           "--counter=x = 1", "--top=3", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hits = json.loads(proc.stdout)
+    assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    assert hits[0]["hit_examples"] > 0 and len(hits[0]["where"]) == 2
+    table = subprocess.run([sys.executable, f"{ROOT}/launch/search.py", f"--workdir={cfg.workdir}",
+                            "--member=topk_8", "--example=def f(x):"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert table.returncode == 0 and "fires most at" in table.stdout and "no analysis" in table.stdout
+    out = tmp_path / "split.md"
+    n = cfg.member("topk_8").sae.n_features
+    split = subprocess.run([sys.executable, f"{ROOT}/launch/split.py", f"--small={cfg.workdir}",
+                            "--small_member=topk_8", f"--large={cfg.workdir}",
+                            "--large_member=topk_16", f"--out={out}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert f"| small ({n:,}) feature | children | large ({n:,}) features (cosine) |" in split.stdout
+    assert out.read_text() in split.stdout
+    # A dictionary against itself: every feature carries over to itself, nothing splits.
+    same = subprocess.run([sys.executable, f"{ROOT}/launch/split.py", f"--small={cfg.workdir}",
+                           "--small_member=topk_8", f"--large={cfg.workdir}",
+                           "--large_member=topk_8", "--rows=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert (f"0 small features split, {n} carried over, 0 unmatched; 0 large features have no "
+            "parent") in same.stdout
+    assert "| 0 | 1 | 0: 1.00 |" in same.stdout
+    for tool, flags, want in (("search", ["--member=topk_8"], "--example"),
+                              ("search", ["--member=topk_8", "--example=a", "--top=0"], "--top=0"),
+                              ("split", [f"--small={cfg.workdir}", f"--large={tmp_path}/none"],
+                               "--large: no directory")):
+        extra = [f"--workdir={cfg.workdir}"] if tool == "search" else []
+        bad = subprocess.run([sys.executable, f"{ROOT}/launch/{tool}.py", *extra, *flags],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        last = bad.stderr.strip().splitlines()[-1]
+        assert bad.returncode == 2 and last.startswith(f"{tool}: ") and want in last, bad.stderr
 
 
 def test_a_single_runs_workdir_refuses_member_and_a_sweep_refuses_it(swept, tiny_lm_dir, tmp_path):

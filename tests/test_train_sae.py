@@ -206,6 +206,8 @@ def test_restore_on_another_mesh_equals_the_original_encode(lm_dir, tmp_path):
         np.testing.assert_allclose(
             recon, np.asarray(sae_model.decode(summary["params"], want, cfg.sae)) / scale,
             rtol=1e-5, atol=1e-6)
+    odd = np.asarray(base.decode(base.encode(np.asarray(acts)[:13])))  # 13 rows, 8 devices
+    np.testing.assert_allclose(odd, recon[:13], rtol=1e-5, atol=1e-6)
     single = restore_run(str(tmp_path / "r"), mesh=parallel.make_mesh(
         MeshConfig(1, 1), devices=jax.devices()[:1]))
     text = "alpha beta gamma"

@@ -1,28 +1,42 @@
-"""The two jitted, sharded passes behind the feature statistics (:mod:`saejax.analysis.features`).
+"""The streaming, sharded pass behind the unit statistics (:mod:`saejax.analysis.features`).
 
-Both passes run over the same N held-out contexts, batched and sharded over "batch" (the
-running per-feature state is sharded over "latent"):
+One jitted step per batch of contexts (batch sharded over "batch", every per-unit state
+sharded over "latent"; the state is donated, so device memory stays bounded however many
+tokens stream through). Per batch of R token rows and F units it
 
-* pass 1 counts firings (density), sums activations, histograms the L0 of every token and
-  keeps each feature's top-K activations with a running merge (``lax.top_k`` of the batch,
-  concatenated with the kept K, ``lax.top_k`` again), together with the feature's
-  activations on a window of W tokens around each kept token;
-* pass 2, knowing each feature's maximum, histograms its activations on [0, max] and draws
-  random samples from ``n_intervals`` equal-width activation intervals (the paper shows ~11):
-  every token gets a uniform random priority and each (feature, interval) keeps the S
-  highest priorities among its tokens, which is a uniform sample without replacement.
+* counts firings (density), sums activations and histograms the L0 of every token;
+* keeps each unit's top-K2 activations with a running merge (``lax.top_k`` of the batch,
+  concatenated with the kept K2, ``lax.top_k`` again) together with the unit's activations
+  on a window of W tokens around each kept token (K2 > K leaves room to drop
+  near-duplicate contexts on the host);
+* keeps a **reservoir** of M uniformly drawn firings per unit: every token gets one
+  uniform random priority (shared by all units), and each unit keeps the M highest
+  priorities among the tokens where it fired. A batch offers each unit its C highest
+  priorities (C = min(16, M): a top-C over [F, R] costs half a top-M), so the merged
+  reservoir is exactly the top M over the whole stream, a uniform sample without
+  replacement, unless more than C of those M fall in one batch (a unit whose firings crowd
+  into a few batches; its sample is then stratified by batch). The host builds the
+  activation histogram and the paper's interval samples from it once the maximum is known
+  (so one pass suffices);
+* accumulates the token tables of the interpretability score
+  (:func:`saejax.analysis.interp.update_tables`): firings per (half, current token) and
+  per (half, preceding token), exact counts; a context's half is its row's parity (even
+  rows fit explanations, odd rows score them);
+* optionally (the first batches only) returns each token's L largest activations, from
+  which the host counts co-activations (:func:`saejax.analysis.neighbours.coactivation`).
 
-Feature activations come from :meth:`saejax.sae.bundle.SAEBundle.encode` (SAE units; the
-bundle applies the run's input normaliser).
+Unit activations come from :meth:`saejax.sae.bundle.SAEBundle.encode` (SAE units; the
+bundle applies the run's input normaliser); the neurons of a site are a bundle too
+(:func:`saejax.analysis.neurons.neuron_bundle`).
 
-Legend: N contexts, B contexts per batch, T sequence, R = B*T token rows of a batch,
-F features, K top examples, I intervals, S samples per interval, W window tokens,
-H histogram bins.
+Legend: B contexts per batch, T sequence, R = B*T token rows of a batch, F units, K2 top
+candidates, M reservoir size, W window tokens, V vocabulary, L active units per token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -31,24 +45,23 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from saejax import parallel
+from saejax.analysis import interp
 from saejax.lm.model import forward
 from saejax.sae.bundle import SAEBundle
 
 
-class Pass1State(NamedTuple):
+class PassState(NamedTuple):
     count: Int[Array, " F"]
     act_sum: Float[Array, " F"]
     l0_hist: Int[Array, " F1"]
-    top_val: Float[Array, "F K"]
-    top_pos: Int[Array, "F K"]
-    top_win: Float[Array, "F K W"]
-
-
-class Pass2State(NamedTuple):
-    hist: Int[Array, "F H"]
-    pri: Float[Array, "F I S"]
-    pos: Int[Array, "F I S"]
-    win: Float[Array, "F I S W"]
+    top_val: Float[Array, "F K2"]
+    top_pos: Int[Array, "F K2"]
+    top_win: Float[Array, "F K2 W"]
+    res_pri: Float[Array, "F M"]
+    res_pos: Int[Array, "F M"]
+    res_act: Float[Array, "F M"]
+    res_win: Float[Array, "F M W"]
+    tables: interp.TokenTables    # the interpretability score's counts (V 0: none)
 
 
 def feature_fn(graphdef, site: str) -> Callable:
@@ -61,129 +74,160 @@ def feature_fn(graphdef, site: str) -> Callable:
     return features
 
 
-def _windows(f: Float[Array, "R F"], idx: Int[Array, "F ..."], seq_len: int, width: int,
-             before: int) -> Float[Array, "F ... W"]:
-    """Each feature's activations on the W-token window around its rows ``idx``.
+def _windows(ft: Float[Array, "F R"], idx: Int[Array, "F K"], seq_len: int, width: int,
+             before: int) -> Float[Array, "F K W"]:
+    """Each unit's activations on the W-token window around its rows ``idx``.
 
-    The window starts ``before`` tokens earlier, shifted to stay inside the context.
+    The window starts ``before`` tokens earlier, shifted to stay inside the context. Read
+    from the unit-major ``ft``, where a window is W contiguous values.
     """
     t = idx % seq_len
     start = jnp.clip(t - before, 0, seq_len - width)
     rows = (idx - t + start)[..., None] + jnp.arange(width)
-    feat = jnp.arange(f.shape[1]).reshape((-1,) + (1,) * (rows.ndim - 1))
-    return f[rows, feat]
+    flat = jnp.take_along_axis(ft, rows.reshape(rows.shape[0], -1), axis=1)
+    return flat.reshape(rows.shape)
 
 
-def _merge(vals, pos, win, new_vals, new_pos, new_win):
-    """Keeps the K largest of two candidate sets along the last value axis."""
+def _merge(vals, new_vals, *carried):
+    """Keeps the K largest of ``vals`` ++ ``new_vals`` (last axis); ``carried`` are
+    (old, new) pairs of arrays [F, K, ...] that follow the values."""
     k = vals.shape[-1]
-    all_vals = jnp.concatenate([vals, new_vals], axis=-1)
-    keep_vals, sel = jax.lax.top_k(all_vals, k)
-    keep_pos = jnp.take_along_axis(jnp.concatenate([pos, new_pos], -1), sel, axis=-1)
-    all_win = jnp.concatenate([win, new_win], axis=-2)
-    keep_win = jnp.take_along_axis(all_win, sel[..., None], axis=-2)
-    return keep_vals, keep_pos, keep_win
+    keep, sel = jax.lax.top_k(jnp.concatenate([vals, new_vals], axis=-1), k)
+    out = []
+    for old, new in carried:
+        both = jnp.concatenate([old, new], axis=1)
+        idx = sel.reshape(sel.shape + (1,) * (both.ndim - 2))
+        out.append(jnp.take_along_axis(both, idx, axis=1))
+    return keep, *out
 
 
-def _state_shardings(mesh, state_cls):
-    ndims = {Pass1State: (1, 1, 1, 2, 2, 3), Pass2State: (2, 3, 3, 4)}[state_cls]
-    shardings = [parallel.named_sharding(mesh, ("latent",) + (None,) * (n - 1)) for n in ndims]
-    if state_cls is Pass1State:
-        shardings[2] = parallel.replicated(mesh)  # the L0 histogram has no latent axis
-    return state_cls(*shardings)
+def state_shardings(mesh) -> PassState:
+    lat = {n: parallel.named_sharding(mesh, ("latent",) + (None,) * (n - 1)) for n in (1, 2, 3)}
+    rep = parallel.replicated(mesh)
+    last = parallel.named_sharding(mesh, (None, None, "latent"))
+    return PassState(count=lat[1], act_sum=lat[1], l0_hist=rep, top_val=lat[2], top_pos=lat[2],
+                     top_win=lat[3], res_pri=lat[2], res_pos=lat[2], res_act=lat[2],
+                     res_win=lat[3], tables=interp.TokenTables(last, last, rep, rep))
 
 
-def make_pass1(graphdef, site: str, mesh, config, seq_len: int, width: int):
-    """Jitted ``(state, lm_params, sae, tokens, offset) -> state`` (state donated)."""
+def init_state(n_units: int, top: int, reservoir: int, width: int, vocab: int) -> PassState:
+    """The empty state (numpy; ``vocab`` 0 = no token tables)."""
+    F = n_units
+    return PassState(
+        count=np.zeros(F, np.int32), act_sum=np.zeros(F, np.float32),
+        l0_hist=np.zeros(F + 1, np.int32),
+        top_val=np.full((F, top), -1.0, np.float32), top_pos=np.full((F, top), -1, np.int32),
+        top_win=np.zeros((F, top, width), np.float32),
+        res_pri=np.full((F, reservoir), -1.0, np.float32),
+        res_pos=np.full((F, reservoir), -1, np.int32),
+        res_act=np.zeros((F, reservoir), np.float32),
+        res_win=np.zeros((F, reservoir, width), np.float32),
+        tables=interp.init_tables(vocab, F))
+
+
+def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: int, width: int,
+              seq_len: int, vocab: int, n_active: int = 0, candidates: int = 16):
+    """Jitted ``(state, lm_params, sae, tokens [B, T], row0, key) -> (state, active)``.
+
+    ``row0`` is the global index of the batch's first context (token positions in the state
+    are global: ``row * T + t``; the context's half for the token tables is ``row % 2``).
+    ``active`` is None, or with ``n_active`` = L > 0 each token's L largest activations
+    (values [R, L], unit ids [R, L]). The state is donated.
+    """
     features = feature_fn(graphdef, site)
-    k, before = config.top_k, config.window_before
-    shardings = _state_shardings(mesh, Pass1State)
+    shardings = state_shardings(mesh)
+    rep = parallel.replicated(mesh)
 
-    def step(state: Pass1State, lm_params, sae, tokens, offset) -> Pass1State:
-        f = features(lm_params, sae, tokens)
-        fired = f > 0
-        l0 = jnp.sum(fired, axis=1, dtype=jnp.int32)
-        vals, idx = jax.lax.top_k(f.T, k)
-        win = _windows(f, idx, seq_len, width, before)
-        top = _merge(state.top_val, state.top_pos, state.top_win, vals, idx + offset, win)
-        return Pass1State(
-            count=state.count + jnp.sum(fired, axis=0, dtype=jnp.int32),
-            act_sum=state.act_sum + jnp.sum(f, axis=0),
-            l0_hist=state.l0_hist.at[l0].add(1),
-            top_val=top[0], top_pos=top[1], top_win=top[2])
-
-    return jax.jit(step, out_shardings=shardings, donate_argnums=0), shardings
-
-
-def make_pass2(graphdef, site: str, mesh, config, seq_len: int, width: int):
-    """Jitted ``(state, lm_params, sae, tokens, offset, max_act, key) -> state``."""
-    features = feature_fn(graphdef, site)
-    n_int, n_bins, before = config.n_intervals, config.hist_bins, config.window_before
-    s = config.samples_per_interval
-    shardings = _state_shardings(mesh, Pass2State)
-
-    def step(state: Pass2State, lm_params, sae, tokens, offset, max_act, key
-             ) -> Pass2State:
-        f = features(lm_params, sae, tokens)
-        ft = f.T  # [F, R]: top_k reduces the last axis; transpose once, not per interval
+    def step(state: PassState, lm_params, sae, tokens, row0, key):
+        f = features(lm_params, sae, tokens)            # [R, F]
+        ft = f.T                                        # [F, R]: top_k reduces the last axis
         fired = ft > 0
-        rel = ft / jnp.maximum(max_act, 1e-30)[:, None]
-        hbin = jnp.clip(jnp.floor(rel * n_bins).astype(jnp.int32), 0, n_bins - 1)
-        feat = jnp.broadcast_to(jnp.arange(ft.shape[0])[:, None], ft.shape)
-        hist = state.hist.at[feat, hbin].add(fired.astype(jnp.int32))
-        ibin = jnp.where(fired, jnp.clip(jnp.floor(rel * n_int).astype(jnp.int32), 0,
-                                         n_int - 1), -1)
-        # One priority per token (shared by all features): each (feature, interval) still
-        # gets a uniform sample of its own tokens; correlations across features are harmless.
+        n_fired = jnp.sum(f > 0, axis=0, dtype=jnp.int32)   # [R, F] reductions: contiguous
+        l0 = jnp.sum(f > 0, axis=1, dtype=jnp.int32)
+        offset = row0 * seq_len
+        vals, idx = jax.lax.top_k(ft, top)
+        top_val, top_pos, top_win = _merge(
+            state.top_val, vals, (state.top_pos, idx + offset),
+            (state.top_win, _windows(ft, idx, seq_len, width, before)))
+        # Reservoir: the M highest shared priorities among the tokens where the unit fired.
         u = jax.random.uniform(key, (1, ft.shape[1]))
-        cand_pri, cand_idx = [], []
-        for j in range(n_int):
-            v, i = jax.lax.top_k(jnp.where(ibin == j, u, -1.0), s)
-            cand_pri.append(v)
-            cand_idx.append(i)
-        pri = jnp.stack(cand_pri, axis=1)   # [F, I, S]
-        idx = jnp.stack(cand_idx, axis=1)
-        win = _windows(f, idx, seq_len, width, before)
-        pri, pos, win = _merge(state.pri, state.pos, state.win, pri, idx + offset, win)
-        return Pass2State(hist=hist, pri=pri, pos=pos, win=win)
+        pri, cidx = jax.lax.top_k(jnp.where(fired, u, -1.0), min(candidates, reservoir))
+        cact = jnp.take_along_axis(ft, cidx, axis=1)
+        res = _merge(state.res_pri, pri, (state.res_pos, cidx + offset), (state.res_act, cact),
+                     (state.res_win, _windows(ft, cidx, seq_len, width, before)))
+        tables = state.tables
+        if vocab:
+            half = (row0 + jnp.arange(tokens.shape[0])) % 2
+            tables = interp.update_tables(tables, tokens, f > 0, half)
+        new = PassState(count=state.count + n_fired, act_sum=state.act_sum + jnp.sum(f, axis=0),
+                        l0_hist=state.l0_hist.at[l0].add(1), top_val=top_val, top_pos=top_pos,
+                        top_win=top_win, res_pri=res[0], res_pos=res[1], res_act=res[2],
+                        res_win=res[3], tables=tables)
+        active = None
+        if n_active:
+            active = tuple(jax.lax.top_k(f, n_active))
+        return new, active
 
-    return jax.jit(step, out_shardings=shardings, donate_argnums=0), shardings
+    out = (shardings, None if not n_active else (rep, rep))
+    return jax.jit(step, out_shardings=out, donate_argnums=0)
 
 
-def _batches(tokens: np.ndarray, batch: int, mesh):
+def batches(tokens: np.ndarray, batch: int, mesh) -> Iterator[tuple[int, jax.Array]]:
+    """(first row, device batch) over the whole batches of ``tokens`` [N, T]."""
     sharding = parallel.named_sharding(mesh, ("batch", None))
     for b in range(tokens.shape[0] // batch):
         rows = tokens[b * batch:(b + 1) * batch]
-        yield b, jax.device_put(np.ascontiguousarray(rows, np.int32), sharding)
+        yield b * batch, jax.device_put(np.ascontiguousarray(rows, np.int32), sharding)
 
 
-def run_passes(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, config, mesh,
-               width: int) -> tuple[Pass1State, Pass2State]:
-    """Both passes over ``tokens`` [N, T] (N a multiple of ``config.batch_size``), on the host.
-
-    ``config`` is a :class:`~saejax.analysis.features.FeatureStatsConfig`; ``sae`` must
-    already be placed on ``mesh``.
+def run_pass(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, mesh, *, batch: int,
+             top: int, reservoir: int, before: int, width: int, vocab: int, seed: int,
+             active_tokens: int = 0, n_active: int = 0,
+             tick: Callable[[int, int], None] | None = None
+             ) -> tuple[PassState, list[tuple[np.ndarray, np.ndarray]]]:
+    """The pass over ``tokens`` [N, T] (N a multiple of ``batch``); returns the host state
+    and, for the first ``active_tokens`` tokens, each token's ``n_active`` largest
+    activations as (values, ids) per batch. ``tick(tokens_done, tokens_total)`` is called
+    after each batch. ``sae`` must already be placed on ``mesh``.
     """
-    batch, seq_len = config.batch_size, tokens.shape[1]
-    F, K = sae.n_features, config.top_k
-    step1, sh1 = make_pass1(graphdef, sae.site, mesh, config, seq_len, width)
-    state1 = jax.device_put(Pass1State(
-        count=np.zeros(F, np.int32), act_sum=np.zeros(F, np.float32),
-        l0_hist=np.zeros(F + 1, np.int32), top_val=np.full((F, K), -1.0, np.float32),
-        top_pos=np.full((F, K), -1, np.int32), top_win=np.zeros((F, K, width), np.float32)), sh1)
-    for b, tok in _batches(tokens, batch, mesh):
-        state1 = step1(state1, lm_params, sae, tok, np.int32(b * batch * seq_len))
-    s1 = jax.tree.map(np.asarray, state1)
+    seq_len = tokens.shape[1]
+    n_active = min(n_active, sae.n_features)
+    kw = dict(top=top, reservoir=reservoir, before=before, width=width, seq_len=seq_len,
+              vocab=vocab)
+    step = make_step(graphdef, sae.site, mesh, **kw)
+    step_active = make_step(graphdef, sae.site, mesh, n_active=n_active, **kw) if n_active else None
+    state = jax.device_put(init_state(sae.n_features, top, reservoir, width, vocab),
+                           state_shardings(mesh))
+    root = jax.random.key(seed)
+    total = tokens.shape[0] // batch * batch * seq_len
+    active = []
+    for row0, tok in batches(tokens, batch, mesh):
+        key = jax.random.fold_in(root, row0)
+        if step_active is not None and row0 * seq_len < active_tokens:
+            state, (vals, ids) = step_active(state, lm_params, sae, tok, np.int32(row0), key)
+            active.append((np.asarray(vals), np.asarray(ids)))
+        else:
+            state, _ = step(state, lm_params, sae, tok, np.int32(row0), key)
+        if tick is not None:
+            tick((row0 + batch) * seq_len, total)
+    return jax.tree.map(np.asarray, state), active
 
-    max_act = np.maximum(s1.top_val[:, 0], 0.0).astype(np.float32)
-    step2, sh2 = make_pass2(graphdef, sae.site, mesh, config, seq_len, width)
-    I, S = config.n_intervals, config.samples_per_interval  # noqa: E741
-    state2 = jax.device_put(Pass2State(
-        hist=np.zeros((F, config.hist_bins), np.int32), pri=np.full((F, I, S), -1.0, np.float32),
-        pos=np.full((F, I, S), -1, np.int32), win=np.zeros((F, I, S, width), np.float32)), sh2)
-    max_dev = jax.device_put(max_act, parallel.named_sharding(mesh, ("latent",)))
-    root = jax.random.key(config.seed)
-    for b, tok in _batches(tokens, batch, mesh):
-        state2 = step2(state2, lm_params, sae, tok, np.int32(b * batch * seq_len),
-                       max_dev, jax.random.fold_in(root, b))
-    return s1, jax.tree.map(np.asarray, state2)
+
+class Ticker:
+    """``tick(done, total)`` drawing a :class:`saejax.metrics.ProgressBar` with tokens/s."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        from saejax.metrics import ProgressBar
+
+        self.label, self.enabled, self.bar, self._t0 = label, enabled, None, time.perf_counter()
+        self._cls = ProgressBar
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = self._cls(total)
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)
+        self.bar.update(done, {"tok/s": rate}, force=done >= total)
+        if done >= total:
+            self.bar.close()

@@ -1,11 +1,16 @@
-"""Feature statistics over held-out tokens: density, activations, contexts, logits, ablation.
+"""Unit statistics (features of a dictionary, or a site's neurons) over millions of tokens:
+density, activations, contexts, logits, ablation, interpretability scores, neighbours.
 
-The device work is two jitted, sharded passes over the same N held-out contexts
-(:mod:`saejax.analysis.feature_passes`: density, sums, L0, running top-K with context
-windows; per-feature histograms and samples from ``n_intervals`` activation intervals).
-Then, on the host: token windows (ids; strings via ``vocab``), logit effects
-(:mod:`saejax.analysis.logits`), the ablation effect on log-likelihood over each feature's
-top contexts (:mod:`saejax.analysis.ablation`), dead / ultralow-density / dense lists.
+The device work is one jitted, sharded, streaming pass over N contexts
+(:mod:`saejax.analysis.feature_passes`: density, sums, L0, a running top-K with context
+windows, a uniform reservoir of firings for the histogram and the interval samples, the
+token tables of the interpretability score, per-token active lists for co-activation),
+whose state has a fixed size however many tokens stream through. Then, on the host: token
+windows (ids; strings via ``vocab``), near-duplicate contexts dropped from the top lists,
+logit effects (:mod:`saejax.analysis.logits`), the ablation effect on log-likelihood over
+each unit's top contexts (:mod:`saejax.analysis.ablation`), the interpretability score
+(:mod:`saejax.analysis.interp`), nearest units by decoder cosine and by co-activation,
+silent / ultralow-density / dense lists.
 
 Activations are in SAE units (:meth:`saejax.sae.bundle.SAEBundle.encode` applies the run's
 input normaliser to the LM's activations).
@@ -14,7 +19,7 @@ The result is a plain dict of lists and numbers (JSON-serialisable, see
 :func:`save_stats`); its layout is documented on :func:`compute_feature_stats`.
 
 Legend: N contexts, T sequence, F features, K top examples, I intervals, S samples per
-interval, W window tokens, H histogram bins.
+interval, W window tokens, H histogram bins, M reservoir samples.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,13 +37,13 @@ import numpy as np
 from absl import logging
 
 from saejax import parallel
-from saejax.analysis import ablation, logits
-from saejax.analysis.feature_passes import Pass1State, Pass2State, run_passes
+from saejax.analysis import ablation, logits, neighbours
+from saejax.analysis.feature_passes import PassState, Ticker, run_pass
 from saejax.config import MeshConfig, check, check_fraction, check_nonnegative, check_positive
 from saejax.lm.model import lm_module, split_lm
 from saejax.sae.bundle import SAEBundle
 
-STATS_FORMAT = 1
+STATS_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +53,16 @@ class FeatureStatsConfig:
     Attributes:
       batch_size: contexts per jitted batch (a multiple of the mesh's data-parallel size);
         the last partial batch of the token array is dropped.
-      top_k: top-activating examples kept per feature.
+      top_k: top-activating examples kept per unit.
       n_intervals: equal-width activation intervals on (0, max] to sample from (paper ~11).
-      samples_per_interval: random examples per interval.
+      samples_per_interval: random examples per interval (drawn from the reservoir).
+      reservoir: uniformly drawn firings kept per unit (M); the activation histogram and the
+        interval samples come from them (exact when the unit fires at most M times; the
+        histogram is scaled to the firing count otherwise, and high intervals of a dense
+        unit may hold fewer samples than there are tokens in them: the top list shows
+        the highest activations).
+      dedup: keep 2 top_k candidates and drop near-duplicate contexts (same centre token and
+        ``window_before`` tokens before it) from the top lists.
       window_before, window_after: tokens shown before/after an example's token.
       hist_bins: bins of each feature's activation histogram on [0, max].
       n_logit_tokens: top and bottom logit-effect tokens kept per feature.
@@ -62,8 +75,17 @@ class FeatureStatsConfig:
       ultralow_density: features with 0 < density below this are the ultralow-density
         cluster; None = find the valley of a bimodal log10-density histogram (falls back
         to 1e-6 when it is not bimodal).
-      dense_threshold: a feature denser than this is "dense" (the paper: 1%).
-      seed: seeds the interval sampling.
+      dense_threshold: a unit denser than this is "dense" (the paper: 1%).
+      seed: seeds the reservoir's priorities.
+      interp: compute the automatic interpretability score (:mod:`saejax.analysis.interp`).
+      interp_max_tokens: tokens an explanation may list.
+      interp_min_firings: firings a unit needs in each half to be scored.
+      neighbours: nearest units kept per unit by decoder cosine and by co-activation
+        (0 = skip both).
+      coact_tokens: tokens (the first ones) whose active units are counted for
+        co-activation.
+      coact_max_active: active units read per token for co-activation (a token with more
+        is counted as "truncated" in the meta).
     """
 
     batch_size: int = 16
@@ -80,10 +102,18 @@ class FeatureStatsConfig:
     ultralow_density: float | None = None
     dense_threshold: float = 0.01
     seed: int = 0
+    reservoir: int = 64
+    dedup: bool = True
+    interp: bool = True
+    interp_max_tokens: int = 10
+    interp_min_firings: int = 10
+    neighbours: int = 5
+    coact_tokens: int = 131_072
+    coact_max_active: int = 64
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "n_intervals", "samples_per_interval", "hist_bins",
-                     "n_logit_tokens"):
+                     "n_logit_tokens", "reservoir", "interp_max_tokens", "coact_max_active"):
             v = getattr(self, name)
             check(f"analysis.{name}", v, isinstance(v, int) and v >= 1, "must be an integer >= 1")
         check_nonnegative("analysis.window_before", self.window_before)
@@ -94,6 +124,8 @@ class FeatureStatsConfig:
         if self.ultralow_density is not None:
             check_positive("analysis.ultralow_density", self.ultralow_density)
         check_fraction("analysis.dense_threshold", self.dense_threshold)
+        for name in ("interp_min_firings", "neighbours", "coact_tokens"):
+            check_nonnegative(f"analysis.{name}", getattr(self, name))
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,64 +195,106 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                           config: FeatureStatsConfig = FeatureStatsConfig(), *,
                           tokenizer=None, vocab: list[str] | None = None,
                           mesh: jax.sharding.Mesh | None = None,
-                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Feature statistics of ``sae`` on held-out ``tokens``.
+                          progress: Callable[[str], None] | None = None,
+                          unit: str = "feature", show_progress: bool = False) -> dict[str, Any]:
+    """Unit statistics of ``sae`` (a dictionary, or the site's neurons) on ``tokens``.
 
     Args:
       lm: the LM (``Transformer`` or ``(graphdef, params)``).
-      sae: the dictionary (its site, input normaliser).
-      tokens: int [N, T] held-out contexts (e.g. ``TokenStore.read("val", 0, N)``); the
-        rows past the last whole batch are ignored, and so are the tokens past the LM's
-        ``max_len``.
+      sae: the dictionary (its site, input normaliser); for the site's neurons,
+        :func:`saejax.analysis.neurons.neuron_bundle`.
+      tokens: int [N, T] contexts (e.g. ``TokenStore.read("val", 0, N)``); the rows past
+        the last whole batch are ignored, and so are the tokens past the LM's ``max_len``.
+        Rows alternate between the two halves of the interpretability score (even rows
+        build explanations, odd rows score them).
       config: what to compute.
       tokenizer: gives display strings for token ids (``vocab`` wins if both are given).
       vocab: display string per token id.
       mesh: device mesh (default: all devices over "data").
       progress: called with a short message after each stage (e.g. ``logging.info``).
+      unit: "feature" or "neuron" (labels; neurons' neighbours by decoder cosine use their
+        output weights in the residual stream).
+      show_progress: draw a progress bar (tokens/s, ETA) on stderr during the pass.
 
     Returns:
       A JSON-serialisable dict::
 
-        format, meta{site, norm_scale, n_features, d_in, n_contexts, seq_len, n_tokens,
-                     window{before, after, width}, top_k, n_intervals, logit_mode,
-                     ultralow_threshold, dense_threshold}
-        summary{alive, dead, ultralow, dense, mean_l0}
+        format, meta{site, unit, norm_scale, n_features, d_in, n_contexts, seq_len, n_tokens,
+                     window{before, after, width}, top_k, n_intervals, reservoir,
+                     logit_mode, ultralow_threshold, dense_threshold, pass_seconds,
+                     tokens_per_second, coactivation{tokens, truncated} | None}
+        summary{alive, silent, ultralow, dense, mean_l0, interp{...} | None}
         density[F], mean_act[F] (over all tokens), mean_act_active[F], max_act[F]
-        dead[ids], ultralow[ids], dense[ids], l0_hist[counts by L0], vocab[strings] | None
+        silent[ids], ultralow[ids], dense[ids], l0_hist[counts by L0], vocab[strings] | None
         features[F]: {id, density, mean_act, max_act,
                       top[{row, pos, act, tokens[W], acts[W], center}],
-                      intervals[{lo, hi, examples[...]}], hist{lo, hi, counts[H]},
+                      intervals[{lo, hi, examples[...]}], hist{lo, hi, counts[H], estimated},
                       logits{top[[id, value]], bottom[[id, value]]},
-                      ablation{delta_logp_all, delta_logp_active, contexts} | None}
+                      ablation{delta_logp_all, delta_logp_active, contexts} | None,
+                      interp{kind, tokens, precision, recall, f1, auroc} | None,
+                      neighbours{decoder[[id, cosine]], coact[[id, jaccard]]} | None}
 
-      Activations are in SAE units; examples' ``row`` indexes ``tokens``, ``pos`` is the
-      token's position, ``center`` its index in the window ``tokens``/``acts``.
+      "silent" = never fired on these tokens (not "dead", which is the training-window
+      definition; see :mod:`saejax.analysis.report`). Activations are in SAE units;
+      examples' ``row`` indexes ``tokens``, ``pos`` is the token's position, ``center`` its
+      index in the window ``tokens``/``acts``. Top lists hold at most one example per
+      distinct local context (the centre token and the ``window_before`` tokens before
+      it): near-duplicate contexts of a repetitive corpus are dropped.
     """
-    say = progress or (lambda msg: logging.info("feature stats: %s", msg))
+    say = progress or (lambda msg: logging.info("unit stats: %s", msg))
+    check("unit", unit, unit in ("feature", "neuron"), "must be 'feature' or 'neuron'")
     mesh = mesh or parallel.make_mesh(MeshConfig())
     tokens = _whole_batches(lm, tokens, config, mesh)
     n_ctx, seq_len = tokens.shape
     width = min(config.window_before + 1 + config.window_after, seq_len)
     graphdef, lm_params = split_lm(lm)
     lm_params = jax.device_put(lm_params, parallel.replicated(mesh))
-    s1, s2 = run_passes(graphdef, lm_params, sae.on_mesh(mesh), tokens, config, mesh, width)
+    n_vocab = logits.unembedding(lm).shape[1] if config.interp else 0
+    n_top = min(2 * config.top_k if config.dedup else config.top_k, config.batch_size * seq_len)
+    t0 = time.perf_counter()
+    state, active = run_pass(
+        graphdef, lm_params, sae.on_mesh(mesh), tokens, mesh, batch=config.batch_size, top=n_top,
+        reservoir=config.reservoir, before=config.window_before, width=width, vocab=n_vocab,
+        seed=config.seed, active_tokens=config.coact_tokens if config.neighbours else 0,
+        n_active=config.coact_max_active, tick=Ticker("pass", enabled=show_progress))
+    secs = time.perf_counter() - t0
     n_tok = n_ctx * seq_len
-    say(f"passes done ({n_tok} tokens)")
+    say(f"pass done ({n_tok:,} tokens in {secs:.1f} s, {n_tok / secs:,.0f} tokens/s)")
 
-    density = s1.count / n_tok
+    density = state.count / n_tok
+    tops = [_dedup_top(tokens, state, i, config, width) for i in range(sae.n_features)]
     le = logits.feature_logit_effects(lm, sae, k=config.n_logit_tokens, fold_ln=config.fold_ln)
     say("logit effects done")
     abl = {}
     if config.ablation_contexts > 0:
-        pairs = _ablation_pairs(s1, density, config, seq_len)
+        pairs = _ablation_pairs(tops, density, config, seq_len)
         abl = ablation.ablation_summary(lm, sae, tokens, pairs, batch_size=config.batch_size,
                                         mesh=mesh)
-        say(f"ablation done ({len(pairs)} feature-context pairs)")
+        say(f"ablation done ({len(pairs)} unit-context pairs)")
+    interp_recs, interp_summary = [None] * sae.n_features, None
+    if config.interp:
+        from saejax.analysis import interp
+
+        scores = interp.score_units(state.tables,
+                                    max_tokens=config.interp_max_tokens,
+                                    min_firings=config.interp_min_firings)
+        interp_recs, interp_summary = interp.unit_records(scores), interp.summarize(scores)
+        say("interpretability scores done")
+    neigh, coact_info = [None] * sae.n_features, None
+    if config.neighbours:
+        neigh, coact_info = neighbours.unit_neighbours(lm, sae, active, config.neighbours,
+                                                        unit)
+        say("neighbours done")
     if vocab is None and tokenizer is not None:
         vocab = token_strings(tokenizer, logits.unembedding(lm).shape[1])
-    feats = [_feature_record(i, tokens, s1, s2, density, le, abl, config, width)
+    feats = [_feature_record(i, tokens, tops[i], state, density, le, abl, config, width)
+             | {"interp": interp_recs[i], "neighbours": neigh[i]}
              for i in range(sae.n_features)]
-    return _assemble(sae, s1, density, config, n_ctx, seq_len, width, vocab, feats)
+    stats = _assemble(sae, state, density, config, n_ctx, seq_len, width, vocab, feats)
+    stats["meta"].update(unit=unit, reservoir=config.reservoir, pass_seconds=round(secs, 2),
+                         tokens_per_second=round(n_tok / secs), coactivation=coact_info)
+    stats["summary"]["interp"] = interp_summary
+    return stats
 
 
 def _whole_batches(lm, tokens: np.ndarray, config: FeatureStatsConfig, mesh) -> np.ndarray:
@@ -232,57 +306,81 @@ def _whole_batches(lm, tokens: np.ndarray, config: FeatureStatsConfig, mesh) -> 
     parallel.check_divisible("analysis.batch_size", batch, mesh, parallel.DATA)
     check("analysis.batch_size", batch, n_ctx // batch >= 1,
           f"must be <= the number of contexts given ({n_ctx})")
-    check("analysis.top_k", config.top_k, config.top_k <= batch * seq_len,
-          f"must be <= tokens per batch ({batch * seq_len})")
-    check("analysis.samples_per_interval", config.samples_per_interval,
-          config.samples_per_interval <= batch * seq_len,
-          f"must be <= tokens per batch ({batch * seq_len})")
+    for name in ("top_k", "reservoir"):
+        check(f"analysis.{name}", getattr(config, name), getattr(config, name) <= batch * seq_len,
+              f"must be <= tokens per batch ({batch * seq_len})")
     return tokens[:n_ctx // batch * batch]
 
 
-def _ablation_pairs(s1: Pass1State, density: np.ndarray, config: FeatureStatsConfig,
+def _dedup_top(tokens: np.ndarray, s: PassState, i: int, config: FeatureStatsConfig,
+               width: int) -> list[tuple[float, int, np.ndarray]]:
+    """Unit i's top examples (value, position, window), at most one per local context."""
+    seen, out = set(), []
+    seq_len = tokens.shape[1]
+    for v, p, w in zip(s.top_val[i], s.top_pos[i], s.top_win[i], strict=True):
+        if v <= 0:
+            break
+        row, t = divmod(int(p), seq_len)
+        key = tuple(tokens[row, max(t - config.window_before, 0):t + 1].tolist())
+        if config.dedup and key in seen:
+            continue
+        seen.add(key)
+        out.append((float(v), int(p), w))
+        if len(out) == config.top_k:
+            break
+    return out
+
+
+def _ablation_pairs(tops: list, density: np.ndarray, config: FeatureStatsConfig,
                     seq_len: int) -> list[tuple[int, int]]:
-    """(feature, context row) pairs: each alive feature's first distinct top contexts."""
-    alive = np.flatnonzero(s1.count > 0)
+    """(unit, context row) pairs: each alive unit's first distinct top contexts."""
+    alive = np.flatnonzero([bool(t) for t in tops])
     alive = alive[np.argsort(-density[alive], kind="stable")]
     if config.ablation_max_features is not None:
         alive = alive[:config.ablation_max_features]
     pairs = []
     for i in alive:
         rows = []
-        for v, p in zip(s1.top_val[i], s1.top_pos[i], strict=True):
-            r = int(p) // seq_len
-            if v > 0 and r not in rows:
-                rows.append(r)
+        for _v, p, _w in tops[i]:
+            if p // seq_len not in rows:
+                rows.append(p // seq_len)
             if len(rows) == config.ablation_contexts:
                 break
         pairs += [(int(i), r) for r in rows]
     return pairs
 
 
-def _feature_record(i: int, tokens: np.ndarray, s1: Pass1State, s2: Pass2State,
-                    density: np.ndarray, le: dict, abl: dict, config: FeatureStatsConfig,
-                    width: int) -> dict[str, Any]:
-    """One feature's entry of ``stats["features"]``."""
+def _feature_record(i: int, tokens: np.ndarray, top: list, s: PassState, density: np.ndarray,
+                    le: dict, abl: dict, config: FeatureStatsConfig, width: int
+                    ) -> dict[str, Any]:
+    """One unit's entry of ``stats["features"]``."""
     n_tok = tokens.size
-    max_act = np.maximum(s1.top_val[i, 0], np.float32(0.0))  # float32, like the pass
-    kept = zip(s1.top_val[i], s1.top_pos[i], s1.top_win[i], strict=True)
-    top = [_example(tokens, p, v, w, width, config.window_before) for v, p, w in kept if v > 0]
+    max_act = np.maximum(s.top_val[i, 0], np.float32(0.0))  # float32, like the pass
+    ex_top = [_example(tokens, p, v, w, width, config.window_before) for v, p, w in top]
+    # The reservoir: a uniform sample of the unit's firings (highest priority first).
+    valid = s.res_pri[i] >= 0
+    acts, pos, wins = s.res_act[i][valid], s.res_pos[i][valid], s.res_win[i][valid]
+    n_int, n_bins = config.n_intervals, config.hist_bins
+    rel = acts / max_act if max_act > 0 else acts
+    ibin = np.clip(np.floor(rel * n_int).astype(np.int64), 0, n_int - 1)
     intervals = []
-    n_int = config.n_intervals
     for j in range(n_int):
         lo, hi = max_act * j / n_int, max_act * (j + 1) / n_int
-        drawn = zip(s2.pri[i, j], s2.pos[i, j], s2.win[i, j], strict=True)
-        ex = [_example(tokens, p, 0.0, w, width, config.window_before)
-              for pr, p, w in drawn if pr >= 0]
-        for e in ex:  # the example's own activation is its window's value at the centre
-            e["act"] = e["acts"][e["center"]]
+        chosen = np.flatnonzero(ibin == j)[:config.samples_per_interval]
+        ex = [_example(tokens, pos[c], acts[c], wins[c], width, config.window_before)
+              for c in chosen]
         ex.sort(key=lambda e: -e["act"])
         intervals.append({"lo": _r(lo), "hi": _r(hi), "examples": ex})
+    counts = np.bincount(np.clip(np.floor(rel * n_bins).astype(np.int64), 0, n_bins - 1),
+                         minlength=n_bins)
+    estimated = bool(s.count[i] > valid.sum())
+    if estimated:  # scale the uniform sample's histogram to the unit's firing count
+        counts = np.round(counts * (s.count[i] / valid.sum())).astype(np.int64)
     return {
-        "id": i, "density": _r(density[i]), "mean_act": _r(s1.act_sum[i] / n_tok),
-        "max_act": _r(max_act), "top": top, "intervals": intervals,
-        "hist": {"lo": 0.0, "hi": _r(max_act), "counts": s2.hist[i].tolist()},
+        "id": i, "density": _r(density[i]), "mean_act": _r(s.act_sum[i] / n_tok),
+        "max_act": _r(max_act), "top": ex_top, "intervals": intervals,
+        "hist": {"lo": 0.0, "hi": _r(max_act), "counts": counts.tolist(),
+                 "estimated": estimated},
         "logits": {side: [[int(t), _r(v)] for t, v in zip(le[f"{side}_ids"][i],
                                                            le[f"{side}_values"][i], strict=True)]
                    for side in ("top", "bottom")},
@@ -290,16 +388,16 @@ def _feature_record(i: int, tokens: np.ndarray, s1: Pass1State, s2: Pass2State,
     }
 
 
-def _assemble(sae: SAEBundle, s1: Pass1State, density: np.ndarray, config: FeatureStatsConfig,
+def _assemble(sae: SAEBundle, s: PassState, density: np.ndarray, config: FeatureStatsConfig,
               n_ctx: int, seq_len: int, width: int, vocab, feats: list[dict]) -> dict[str, Any]:
     F, n_tok = sae.n_features, n_ctx * seq_len
-    max_act = np.maximum(s1.top_val[:, 0], 0.0).astype(np.float32)
-    mean_active = np.where(s1.count > 0, s1.act_sum / np.maximum(s1.count, 1), 0.0)
-    dead = np.flatnonzero(s1.count == 0)
+    max_act = np.maximum(s.top_val[:, 0], 0.0).astype(np.float32)
+    mean_active = np.where(s.count > 0, s.act_sum / np.maximum(s.count, 1), 0.0)
+    silent = np.flatnonzero(s.count == 0)
     ul = config.ultralow_density or ultralow_threshold(density)
     ultralow = np.flatnonzero((density > 0) & (density < ul))
     dense = np.flatnonzero(density > config.dense_threshold)
-    last_l0 = int(np.max(np.flatnonzero(s1.l0_hist))) if s1.l0_hist.any() else 0
+    last_l0 = int(np.max(np.flatnonzero(s.l0_hist))) if s.l0_hist.any() else 0
     return {
         "format": STATS_FORMAT,
         "meta": {"site": sae.site, "norm_scale": float(sae.norm_scale), "n_features": F,
@@ -310,15 +408,15 @@ def _assemble(sae: SAEBundle, s1: Pass1State, density: np.ndarray, config: Featu
                  "top_k": config.top_k, "n_intervals": config.n_intervals,
                  "logit_mode": "fold_ln" if config.fold_ln else "direct",
                  "ultralow_threshold": ul, "dense_threshold": config.dense_threshold},
-        "summary": {"alive": int(F - dead.size), "dead": int(dead.size),
+        "summary": {"alive": int(F - silent.size), "silent": int(silent.size),
                     "ultralow": int(ultralow.size), "dense": int(dense.size),
-                    "mean_l0": float(np.sum(np.arange(F + 1) * s1.l0_hist) / n_tok)},
+                    "mean_l0": float(np.sum(np.arange(F + 1) * s.l0_hist) / n_tok)},
         "density": [float(x) for x in density],
-        "mean_act": [_r(x) for x in s1.act_sum / n_tok],
+        "mean_act": [_r(x) for x in s.act_sum / n_tok],
         "mean_act_active": [_r(x) for x in mean_active],
         "max_act": [_r(x) for x in max_act],
-        "dead": dead.tolist(), "ultralow": ultralow.tolist(), "dense": dense.tolist(),
-        "l0_hist": s1.l0_hist[:last_l0 + 1].tolist(),
+        "silent": silent.tolist(), "ultralow": ultralow.tolist(), "dense": dense.tolist(),
+        "l0_hist": s.l0_hist[:last_l0 + 1].tolist(),
         "vocab": vocab,
         "features": feats,
     }

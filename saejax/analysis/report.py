@@ -17,6 +17,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from absl import logging
 
 from saejax import parallel
@@ -31,29 +33,52 @@ def member_dir(sae_workdir: str, member: str | None = None) -> str:
     return os.path.join(sae_workdir, "members", member) if member else sae_workdir
 
 
-def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int = 256,
-                split: str = "val", config: features.FeatureStatsConfig | None = None,
+SPLITS_HELP = ('"val", "train", or "val+train" (the validation split first, then training '
+               'contexts until the token budget is met)')
+
+
+def read_contexts(store, split: str, n_contexts: int) -> tuple[np.ndarray, str]:
+    """Up to ``n_contexts`` contexts of ``split`` (see :data:`SPLITS_HELP`) and a label
+    naming where they came from, e.g. ``"val (116 contexts) + train (15,884 contexts)"``."""
+    parts, label = [], []
+    for name in (split.split("+") if split == "val+train" else [split]):
+        take = min(n_contexts - sum(len(p) for p in parts), store.rows(name))
+        if take > 0:
+            parts.append(store.read(name, 0, take))
+            label.append(f"{name} ({take:,} contexts)")
+    return np.concatenate(parts), " + ".join(label)
+
+
+def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int | None = None,
+                n_tokens: int = 2_000_000, split: str = "val+train",
+                config: features.FeatureStatsConfig | None = None,
                 step: int | None = None, title: str | None = None,
-                member: str | None = None, progress=None) -> dict[str, Any]:
-    """Feature statistics and the dashboard of an SAE run.
+                member: str | None = None, progress=None, neurons: bool = True,
+                show_progress: bool = False) -> dict[str, Any]:
+    """Unit statistics and the dashboard of an SAE run, with the site's neurons beside it.
 
     Args:
       sae_workdir: the SAE training workdir.
       out_dir: where to write (default ``<sae_workdir>/analysis``).
-      n_contexts: held-out contexts to analyse (capped by the split's size and rounded
-        down to whole batches).
-      split: token-store split to read.
+      n_contexts: contexts to analyse (default: enough for ``n_tokens``); capped by what
+        the store holds and rounded down to whole batches.
+      n_tokens: tokens to analyse when ``n_contexts`` is None.
+      split: where the contexts come from (:data:`SPLITS_HELP`); shown in the report.
       config: statistics settings (default :class:`~saejax.analysis.features.FeatureStatsConfig`).
       step: checkpoint step (default latest).
       title: dashboard title (default: the workdir's name, and the member's).
       member: one dictionary of a sweep's workdir (:mod:`saejax.sweep`).
       progress: called with a short message after each stage of the statistics (default:
         ``logging.info``).
+      neurons: also analyse the site's neurons (``neurons.json``, the dashboard's neuron
+        pages), when the site has them (an MLP site).
+      show_progress: draw progress bars (tokens/s, ETA) on stderr during the passes.
 
     Returns:
-      {"stats": features.json path, "dashboard": index.html path, "summary": the stats
-      summary, "meta": the stats meta}.
+      {"stats": features.json path, "neurons": neurons.json path | None, "dashboard":
+      index.html path, "summary", "meta", "neuron_summary" | None, "out_dir", "sae"}.
     """
+    from saejax.analysis.neurons import neuron_bundle
     from saejax.data.token_store import TokenStore
     from saejax.lm.restore import load_lm
 
@@ -64,32 +89,58 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
     if record.lm is None or record.lm.token_store is None:
         raise ConfigError(f"SAE run {sae_workdir!r} was trained without a saejax LM: the "
                           f"feature report needs the LM's contexts")
+    if split not in ("val", "train", "val+train"):
+        raise ConfigError(f"split: {split!r} is not one of {SPLITS_HELP}")
     model, _ = load_lm(record.lm.dir, step=record.lm.step, mesh=mesh)  # the one it trained on
     store = TokenStore.open(record.lm.token_store)
-    n = min(n_contexts, store.rows(split))
-    tokens = store.read(split, 0, n)
-    logging.info("analysing %s (step %s) on %d %s contexts", sae_workdir, record.step, n, split)
-    stats = features.compute_feature_stats(model, sae, tokens, config,
-                                           tokenizer=store.tokenizer(), mesh=mesh,
-                                           progress=progress)
-    stats["meta"].update(sae_workdir=os.path.abspath(sae_workdir), step=record.step,
-                         lm_dir=record.lm.dir, member=member, split=split)
+    seq_len = min(store.seq_len, model.cfg.max_len)
+    n = n_contexts if n_contexts is not None else -(-n_tokens // seq_len)
+    tokens, where = read_contexts(store, split, n)
+    logging.info("analysing %s (step %s) on %s", sae_workdir, record.step, where)
+    tokenizer = store.tokenizer()
+    train_dead = _train_dead(os.path.join(member_dir(sae_workdir, member), "metrics.jsonl"),
+                             sae.config.dead_window)
+    extra = dict(sae_workdir=os.path.abspath(sae_workdir), step=record.step,
+                 lm_dir=record.lm.dir, member=member, split=where, train_dead=train_dead)
+    stats = features.compute_feature_stats(model, sae, tokens, config, tokenizer=tokenizer,
+                                           mesh=mesh, progress=progress,
+                                           show_progress=show_progress)
+    stats["meta"].update(extra)
     stats_path = os.path.join(out_dir, "features.json")
     features.save_stats(stats, stats_path)
+    neuron_stats, neuron_path = None, None
+    if neurons and ".mlp." in (sae.site or ""):
+        neuron_stats = features.compute_feature_stats(
+            model, neuron_bundle(model, sae.site), tokens, config, vocab=stats["vocab"],
+            mesh=mesh, progress=progress, unit="neuron", show_progress=show_progress)
+        neuron_stats["meta"].update(extra | {"train_dead": None})
+        neuron_path = os.path.join(out_dir, "neurons.json")
+        features.save_stats(neuron_stats, neuron_path)
     metrics = os.path.join(member_dir(sae_workdir, member), "metrics.jsonl")
     name = os.path.basename(os.path.abspath(sae_workdir)) + (f" / {member}" if member else "")
     index = dashboard.write_dashboard(
         stats, os.path.join(out_dir, "dashboard"),
         metrics_path=metrics if os.path.isfile(metrics) else None,
-        title=title or f"saejax features: {name}")
-    return {"stats": stats_path, "dashboard": index, "summary": stats["summary"],
-            "meta": stats["meta"], "out_dir": out_dir,
+        title=title or f"saejax features: {name}", neurons=neuron_stats)
+    return {"stats": stats_path, "neurons": neuron_path, "dashboard": index,
+            "summary": stats["summary"], "meta": stats["meta"],
+            "neuron_summary": neuron_stats["summary"] if neuron_stats else None,
+            "out_dir": out_dir,
             "sae": {"architecture": sae.config.architecture, "n_features": sae.n_features,
                     "k": sae.config.k if sae.config.architecture != "relu" else None,
                     "dead_window": sae.config.dead_window}}
 
 
-def _last_training_metrics(path: str) -> dict[str, Any]:
+def _train_dead(metrics_path: str, window: int) -> dict[str, Any] | None:
+    """{"fraction", "window", "step"}: dead over the training window at the last record."""
+    last = last_training_metrics(metrics_path)
+    if "train/frac_dead" not in last:
+        return None
+    return {"fraction": float(last["train/frac_dead"]), "window": int(window),
+            "step": last.get("step")}
+
+
+def last_training_metrics(path: str) -> dict[str, Any]:
     """The last training record of a metrics.jsonl ({} if none)."""
     last: dict[str, Any] = {}
     if not os.path.isfile(path):
@@ -103,6 +154,33 @@ def _last_training_metrics(path: str) -> dict[str, Any]:
             if "train/frac_dead" in row:
                 last = row
     return last
+
+
+def _interp_lines(feat: dict | None, neur: dict | None) -> list[str]:
+    """The interpretability table of the summary: features beside neurons."""
+    if not feat:
+        return []
+    cols = [("features", feat)] + ([("neurons", neur)] if neur else [])
+
+    def cell(d, key, pct=False):
+        v = d.get(key)
+        return "n/a" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}")
+
+    rows = [("units scored (enough firings in both halves)",
+             lambda d: f"{d['n_scored']:,} of {d['n_units']:,}"),
+            ("held-out AUROC, median [q25, q75]",
+             lambda d: f"{cell(d, 'auroc_median')} [{cell(d, 'auroc_q25')}, "
+                       f"{cell(d, 'auroc_q75')}]"),
+            ("held-out F1, median", lambda d: cell(d, "f1_median")),
+            ("precision (specificity), mean", lambda d: cell(d, "precision_mean")),
+            ("recall (sensitivity), mean", lambda d: cell(d, "recall_mean")),
+            ("AUROC >= 0.9", lambda d: cell(d, "frac_auroc_ge_0.9", pct=True))]
+    out = ["Automatic interpretability (single-token explanations fitted on even contexts, "
+           "scored on odd ones; saejax.analysis.interp documents the method and its limits):",
+           "", "| | " + " | ".join(c for c, _ in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    out += [f"| {name} | " + " | ".join(fn(d) for _, d in cols) + " |" for name, fn in rows]
+    return out + [""]
 
 
 def write_summary(report: dict[str, Any], sae_workdir: str, member: str | None = None) -> str:
@@ -120,7 +198,7 @@ def write_summary(report: dict[str, Any], sae_workdir: str, member: str | None =
     if os.path.isfile(os.path.join(files, "eval.json")):
         with open(os.path.join(files, "eval.json")) as f:
             ev = json.load(f)
-    train = _last_training_metrics(os.path.join(files, "metrics.jsonl"))
+    train = last_training_metrics(os.path.join(files, "metrics.jsonl"))
     meta, summ, sae = report["meta"], report["summary"], report["sae"]
     n_f = sae["n_features"]
     name = os.path.basename(os.path.abspath(sae_workdir)) + (f", member {member}" if member else "")
@@ -144,13 +222,21 @@ def write_summary(report: dict[str, Any], sae_workdir: str, member: str | None =
         lines.append(f"| dead (silent for the last {sae['dead_window']} training steps) | "
                      f"{100 * train['train/frac_dead']:.1f}% |")
     lines += [
-        f"| analysed tokens ({meta.get('split', 'val')} split) | {meta['n_tokens']:,} "
-        f"({meta['n_contexts']:,} contexts of {meta['seq_len']}) |",
-        f"| silent on the analysed tokens | {summ['dead']:,} ({100 * summ['dead'] / n_f:.1f}%) |",
-        f"| dense on the analysed tokens (density > {meta['dense_threshold']:g}) | {summ['dense']:,} |",
-        f"| L0 on the analysed tokens | {summ['mean_l0']:.1f} |", "",
+        f"| analysed tokens | {meta['n_tokens']:,} ({meta.get('split', 'val')}, "
+        f"{meta['seq_len']} tokens each) |",
+        f"| silent on the analysed tokens | {summ['silent']:,} "
+        f"({100 * summ['silent'] / n_f:.1f}%) |",
+        f"| dense on the analysed tokens (density > {meta['dense_threshold']:g}) | "
+        f"{summ['dense']:,} |",
+        f"| L0 on the analysed tokens | {summ['mean_l0']:.1f} |",
+        f"| analysis pass | {meta.get('pass_seconds', 0):.0f} s "
+        f"({meta.get('tokens_per_second', 0):,} tokens/s) |", ""]
+    lines += _interp_lines(summ.get("interp"), (report.get("neuron_summary") or {}).get("interp"))
+    lines += [
         f"Dashboard: `{os.path.abspath(report['dashboard'])}`  ",
-        f"Feature statistics: `{os.path.abspath(report['stats'])}`"]
+        f"Feature statistics: `{os.path.abspath(report['stats'])}`"
+        + (f"  \nNeuron statistics: `{os.path.abspath(report['neurons'])}`"
+           if report.get("neurons") else "")]
     if not ev:
         lines.append("\nThe run has no evaluation yet (no eval.json): run it with eval.every "
                      "or to its end for loss recovered.")
@@ -159,5 +245,6 @@ def write_summary(report: dict[str, Any], sae_workdir: str, member: str | None =
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({"eval": ev, "train": {k: v for k, v in train.items() if k.startswith("train/")},
-                   "analysis": summ, "meta": meta}, f, indent=1)
+                   "analysis": summ, "neurons": report.get("neuron_summary"), "meta": meta},
+                  f, indent=1)
     return path

@@ -67,13 +67,24 @@ class Run:
         """LM activations at the dictionary's site (B must divide over "data")."""
         return self._acts(self._lm_params, self._global(tokens))
 
+    def _rows(self, fn, x) -> jax.Array:
+        """``fn(sae, x)`` on rows sharded over "batch": padded to a multiple of the
+        data-parallel size (any N works), the padding cut off again."""
+        x = jnp.asarray(x, jnp.float32)
+        n = x.shape[0]
+        pad = -n % parallel.data_parallel_size(self.mesh)
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+        out = fn(self.sae, x)
+        return out[:n] if pad else out
+
     def encode(self, acts: Float[Array, "N D"]) -> Float[Array, "N F"]:
-        """Feature activations of LM activations (normalisation applied)."""
-        return self._encode(self.sae, jnp.asarray(acts, jnp.float32))
+        """Feature activations of LM activations (normalisation applied; any N)."""
+        return self._rows(self._encode, acts)
 
     def decode(self, f: Float[Array, "N F"]) -> Float[Array, "N D"]:
-        """Reconstruction in the LM's units."""
-        return self._decode(self.sae, f)
+        """Reconstruction in the LM's units (any N)."""
+        return self._rows(self._decode, f)
 
     def features(self, tokens: Int[np.ndarray, "B T"]) -> Float[Array, "BT F"]:
         return self.encode(self.activations(tokens))
