@@ -124,7 +124,7 @@ def main(argv):
         f"| L0 (mean active features per token) | {e['l0']:.1f} |",
         f"| dead features (silent for the last {sae_cfg.sae.dead_window} training steps = "
         f"{sae_cfg.sae.dead_window * sae_cfg.batch_size:,} inputs) | "
-        f"{100 * train_last['frac_dead']:.1f}% |",
+        + (f"{100 * train_last['frac_dead']:.1f}% |" if "frac_dead" in train_last else "n/a |"),
         f"| silent on the {e['eval_tokens']:,} held-out evaluation tokens | "
         f"{e['dead_features']} ({100 * e['dead_features'] / sae_cfg.sae.n_features:.1f}%) |",
         f"| dense features (density > 1%) | {e['dense_features']} |",

@@ -7,9 +7,10 @@
 Prints one row per feature: score, the fraction of examples and counter-examples it fires
 on, its baseline (how often it fires on any text of that length, from the run's analysis),
 and the token where it fired most in each example; ``--json`` prints the list instead.
-When the run has been analysed (``launch/analyze.py``; ``--stats`` names another
-``features.json``) the densities and activation scales come from there, and each row links
-the feature's dashboard page. Method: :mod:`saejax.analysis.search`.
+When the run has been analysed (``launch/analyze.py`` or ``make demo``, wherever the report
+went; ``--stats`` names another ``features.json``) the densities and activation scales come
+from there, and a last line gives the dashboard's page address for any feature. Method:
+:mod:`saejax.analysis.search`.
 """
 
 import json
@@ -27,8 +28,8 @@ flags.DEFINE_string("member", None, "the dictionary of a sweep's workdir")
 flags.DEFINE_integer("step", None, "checkpoint step (default latest)")
 flags.DEFINE_multi_string("example", [], "a text showing the concept (repeat the flag)")
 flags.DEFINE_multi_string("counter", [], "a text without the concept (repeat the flag)")
-flags.DEFINE_string("stats", None, "features.json of the run's analysis (default: "
-                    "<workdir>/analysis/features.json when it exists)")
+flags.DEFINE_string("stats", None, "features.json of the run's analysis (default: the run's "
+                    "latest analysis, when there is one)")
 flags.DEFINE_integer("top", 10, "features to print")
 flags.DEFINE_bool("json", False, "print JSON instead of a table")
 
@@ -53,14 +54,13 @@ def main(argv):
     if not os.path.isdir(FLAGS.workdir):
         raise cli.UsageError(f"--workdir: no directory {FLAGS.workdir!r}")
     from saejax.analysis import features
-    from saejax.analysis.report import member_dir
+    from saejax.analysis.report import latest_stats
     from saejax.analysis.restore import restore_run
     from saejax.analysis.search import concept_search
 
-    stats_path = FLAGS.stats or os.path.join(member_dir(FLAGS.workdir, FLAGS.member), "analysis",
-                                             "features.json")
+    stats_path = FLAGS.stats or latest_stats(FLAGS.workdir, FLAGS.member)
     stats = None
-    if os.path.isfile(stats_path):
+    if stats_path and os.path.isfile(stats_path):
         stats = features.load_stats(stats_path)
     elif FLAGS.stats:
         raise cli.UsageError(f"--stats: no file {FLAGS.stats!r}")
@@ -73,7 +73,7 @@ def main(argv):
     if FLAGS.json:
         print(json.dumps(hits, indent=1))
         return
-    page = os.path.join(os.path.dirname(stats_path), "dashboard", "feature.html")
+    page = os.path.join(os.path.dirname(stats_path or ""), "dashboard", "feature.html")
     print(f"{'feature':>8} {'score':>6} {'examples':>8} {'counter':>7} {'baseline':>8}  "
           "fires most at")
     for h in hits:

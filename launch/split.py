@@ -38,10 +38,10 @@ FLAGS = flags.FLAGS
 def _labels(workdir: str, member: str | None) -> dict[int, str]:
     """Each feature's top token, from the run's analysis when there is one."""
     from saejax.analysis import features
-    from saejax.analysis.report import member_dir
+    from saejax.analysis.report import latest_stats
 
-    path = os.path.join(member_dir(workdir, member), "analysis", "features.json")
-    if not os.path.isfile(path):
+    path = latest_stats(workdir, member)
+    if path is None:
         return {}
     stats = features.load_stats(path)
     vocab = stats.get("vocab") or []

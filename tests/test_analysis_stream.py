@@ -236,3 +236,23 @@ def test_bad_settings_fail_in_one_line():
         features.compute_feature_stats(lm(), sae(), tokens(), cfg(reservoir=10_000))
     with pytest.raises(ConfigError, match="unit"):
         features.compute_feature_stats(lm(), sae(), tokens(), cfg(), unit="neurone")
+
+
+def test_a_reservoir_larger_than_a_batchs_candidates_is_flagged_estimated():
+    """Reservoir M 64 with 16 candidates per batch: a unit firing more than 16 times in a
+    batch gets a histogram scaled to its firing count and flagged, and its interval
+    samples are still real firings of the right activation."""
+    f = brute_acts(sae())
+    s = features.compute_feature_stats(lm(), sae(), tokens(),
+                                       cfg(reservoir=64, interp=False, neighbours=0))
+    per_batch = np.add.reduceat(f > 0, np.arange(0, N * T, 8 * T), axis=0)   # [batches, F]
+    crowded = [i for i in range(F) if per_batch[:, i].max() > 16]
+    assert crowded                                   # the random dictionary has such units
+    for i in crowded:
+        hist = s["features"][i]["hist"]
+        n_fired = int((f[:, i] > 0).sum())
+        assert hist["estimated"]
+        assert abs(sum(hist["counts"]) - n_fired) <= len(hist["counts"]) / 2 + 1
+        for iv in s["features"][i]["intervals"]:
+            for e in iv["examples"]:
+                assert f[e["row"] * T + e["pos"], i] == pytest.approx(e["act"], rel=1e-3, abs=1e-3)

@@ -295,6 +295,14 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
     assert max(tops) == 3  # --top_k reached the statistics
     page = open(out / "dashboard" / "index.html").read()
     assert "sweep / topk_8" in page and "plots/training_train_loss.png" in page  # own curves
+    # The member remembers where its analysis went: concept search reads it from there.
+    from saejax.analysis.report import latest_stats
+    assert latest_stats(cfg.workdir, "topk_8") == str(out / "features.json")
+    found = subprocess.run([sys.executable, f"{ROOT}/launch/search.py", f"--workdir={cfg.workdir}",
+                            "--member=topk_8", "--example=def f(x):", "--top=2"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert found.returncode == 0 and "no analysis" not in found.stdout, found.stderr[-2000:]
+    assert f"Pages: file://{out / 'dashboard' / 'feature.html'}?id=<feature>" in found.stdout
     for flags, want in ((["--member=nope"], "the sweep has no member 'nope'"),
                         ([], "pass member=<name>"),
                         (["--member=topk_8", "--contexts=0"], "--contexts=0 must be >= 1"),
@@ -307,9 +315,13 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
 
 
 def test_concept_search_and_feature_splitting_from_the_cli(swept, tmp_path):
-    """launch/search.py ranks a member's features for example texts (the top one fires on
-    them); launch/split.py matches two members' dictionaries; bad flags are one line."""
+    """launch/search.py ranks a member's features for example texts (scores in order, the
+    best fires on an example; without an analysis, baselines are 0 and it says so);
+    launch/split.py matches two members' dictionaries; bad flags are one line."""
     cfg, _ = swept
+    pointer = os.path.join(cfg.workdir, "members", "topk_8", "analysis_latest.json")
+    if os.path.exists(pointer):  # written by the analysis test of this module
+        os.remove(pointer)
     proc = subprocess.run([sys.executable, f"{ROOT}/launch/search.py", f"--workdir={cfg.workdir}",
                            "--member=topk_8", "--example=def f(x):", "--example=def g(y):",
                            "--counter=x = 1", "--top=3", "--json"], cwd=ROOT, capture_output=True,

@@ -112,8 +112,8 @@ UNIT_JS = r"""
     box.appendChild(el("h2", "Activation histogram"));
     box.appendChild(histogram(u.h));
     if (u.h[3]) {
-      box.appendChild(el("div", "counts estimated from a uniform sample of the " + M.unit +
-        "'s firings, scaled to its firing count", "meta"));
+      box.appendChild(el("div", "counts estimated from a sample of the " + M.unit +
+        "'s firings (at most 16 per batch of contexts), scaled to its firing count", "meta"));
     }
     cols.appendChild(box);
     box = el("div");

@@ -57,10 +57,11 @@ class FeatureStatsConfig:
       n_intervals: equal-width activation intervals on (0, max] to sample from (paper ~11).
       samples_per_interval: random examples per interval (drawn from the reservoir).
       reservoir: uniformly drawn firings kept per unit (M); the activation histogram and the
-        interval samples come from them (exact when the unit fires at most M times; the
-        histogram is scaled to the firing count otherwise, and high intervals of a dense
-        unit may hold fewer samples than there are tokens in them: the top list shows
-        the highest activations).
+        interval samples come from them. A batch offers each unit min(16, M) candidates, so
+        the histogram is exact when the unit fired at most M times and never more than
+        min(16, M) times in one batch; otherwise it is scaled to the firing count
+        (``hist.estimated``), and high intervals of a dense unit may hold fewer samples
+        than there are tokens in them (the top list shows the highest activations).
       dedup: keep 2 top_k candidates and drop near-duplicate contexts (same centre token and
         ``window_before`` tokens before it) from the top lists.
       window_before, window_after: tokens shown before/after an example's token.

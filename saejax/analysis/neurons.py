@@ -29,6 +29,14 @@ def site_width(lm, site: str) -> int:
     return cfg.d_mlp if kind.startswith("mlp.p") else cfg.d_model
 
 
+def has_neurons(lm, site: str | None) -> bool:
+    """Whether ``site`` holds an MLP's neurons (``mlp.post``, after the nonlinearity)."""
+    if not site:
+        return False
+    _, kind = site_layer_and_kind(canonical_site(site, lm_module(lm).cfg.n_layers))
+    return kind == "mlp.post"
+
+
 def neuron_bundle(lm, site: str) -> SAEBundle:
     """The identity dictionary of ``site``'s units (see the module docstring)."""
     d = site_width(lm, site)

@@ -46,6 +46,8 @@ def read_contexts(store, split: str, n_contexts: int) -> tuple[np.ndarray, str]:
         if take > 0:
             parts.append(store.read(name, 0, take))
             label.append(f"{name} ({take:,} contexts)")
+    if not parts:
+        raise ConfigError(f"split {split!r}: the token store holds no contexts there")
     return np.concatenate(parts), " + ".join(label)
 
 
@@ -71,14 +73,14 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
       progress: called with a short message after each stage of the statistics (default:
         ``logging.info``).
       neurons: also analyse the site's neurons (``neurons.json``, the dashboard's neuron
-        pages), when the site has them (an MLP site).
+        pages), when the site has them (``mlp.post``).
       show_progress: draw progress bars (tokens/s, ETA) on stderr during the passes.
 
     Returns:
       {"stats": features.json path, "neurons": neurons.json path | None, "dashboard":
       index.html path, "summary", "meta", "neuron_summary" | None, "out_dir", "sae"}.
     """
-    from saejax.analysis.neurons import neuron_bundle
+    from saejax.analysis.neurons import has_neurons, neuron_bundle
     from saejax.data.token_store import TokenStore
     from saejax.lm.restore import load_lm
 
@@ -108,8 +110,9 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
     stats["meta"].update(extra)
     stats_path = os.path.join(out_dir, "features.json")
     features.save_stats(stats, stats_path)
+    _remember(sae_workdir, member, out_dir)
     neuron_stats, neuron_path = None, None
-    if neurons and ".mlp." in (sae.site or ""):
+    if neurons and has_neurons(model, sae.site):
         neuron_stats = features.compute_feature_stats(
             model, neuron_bundle(model, sae.site), tokens, config, vocab=stats["vocab"],
             mesh=mesh, progress=progress, unit="neuron", show_progress=show_progress)
@@ -129,6 +132,34 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
             "sae": {"architecture": sae.config.architecture, "n_features": sae.n_features,
                     "k": sae.config.k if sae.config.architecture != "relu" else None,
                     "dead_window": sae.config.dead_window}}
+
+
+LATEST = "analysis_latest.json"  # in the run's (or member's) folder: where its report went
+
+
+def _remember(sae_workdir: str, member: str | None, out_dir: str) -> None:
+    """Records where the run's latest analysis is (for launch/search.py and split.py)."""
+    path = os.path.join(member_dir(sae_workdir, member), LATEST)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"out_dir": os.path.abspath(out_dir)}, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # a read-only run folder: the default location still works
+        logging.warning("could not record the analysis location in %s: %s", path, e)
+
+
+def latest_stats(sae_workdir: str, member: str | None = None) -> str | None:
+    """The features.json of the run's latest analysis (wherever ``analyze_run`` wrote it;
+    else ``<run>/analysis``), or None."""
+    folder = member_dir(sae_workdir, member)
+    candidates = []
+    try:
+        with open(os.path.join(folder, LATEST)) as f:
+            candidates.append(os.path.join(json.load(f)["out_dir"], "features.json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    candidates.append(os.path.join(folder, "analysis", "features.json"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
 
 
 def _train_dead(metrics_path: str, window: int) -> dict[str, Any] | None:
