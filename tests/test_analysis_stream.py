@@ -256,3 +256,12 @@ def test_a_reservoir_larger_than_a_batchs_candidates_is_flagged_estimated():
         for iv in s["features"][i]["intervals"]:
             for e in iv["examples"]:
                 assert f[e["row"] * T + e["pos"], i] == pytest.approx(e["act"], rel=1e-3, abs=1e-3)
+
+
+def test_interpretability_tables_too_large_are_skipped_with_a_reason():
+    s = features.compute_feature_stats(lm(), sae(), tokens(),
+                                       cfg(neighbours=0, interp_max_table_bytes=1000))
+    assert s["summary"]["interp"] is None and all(f["interp"] is None for f in s["features"])
+    assert "exceed interp_max_table_bytes" in s["meta"]["interp_skipped"]
+    ok = features.compute_feature_stats(lm(), sae(), tokens(), cfg(neighbours=0))
+    assert ok["meta"]["interp_skipped"] is None and ok["summary"]["interp"]["n_scored"] > 0

@@ -81,6 +81,8 @@ class FeatureStatsConfig:
       interp: compute the automatic interpretability score (:mod:`saejax.analysis.interp`).
       interp_max_tokens: tokens an explanation may list.
       interp_min_firings: firings a unit needs in each half to be scored.
+      interp_max_table_bytes: the score's tables take 16 V F bytes (device and host); above
+        this it is skipped with a warning and ``meta.interp_skipped`` (GPT-2's V, 24,576 F: 20 GB).
       neighbours: nearest units kept per unit by decoder cosine and by co-activation
         (0 = skip both).
       coact_tokens: tokens (the first ones) whose active units are counted for
@@ -108,6 +110,7 @@ class FeatureStatsConfig:
     interp: bool = True
     interp_max_tokens: int = 10
     interp_min_firings: int = 10
+    interp_max_table_bytes: int = 4 * 2**30
     neighbours: int = 5
     coact_tokens: int = 131_072
     coact_max_active: int = 64
@@ -238,9 +241,8 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
       "silent" = never fired on these tokens (not "dead", which is the training-window
       definition; see :mod:`saejax.analysis.report`). Activations are in SAE units;
       examples' ``row`` indexes ``tokens``, ``pos`` is the token's position, ``center`` its
-      index in the window ``tokens``/``acts``. Top lists hold at most one example per
-      distinct local context (the centre token and the ``window_before`` tokens before
-      it): near-duplicate contexts of a repetitive corpus are dropped.
+      index in the window ``tokens``/``acts``. Top lists hold one example per local
+      context (the centre token and ``window_before`` tokens before it): no near-duplicates.
     """
     say = progress or (lambda msg: logging.info("unit stats: %s", msg))
     check("unit", unit, unit in ("feature", "neuron"), "must be 'feature' or 'neuron'")
@@ -251,6 +253,13 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
     graphdef, lm_params = split_lm(lm)
     lm_params = jax.device_put(lm_params, parallel.replicated(mesh))
     n_vocab = logits.unembedding(lm).shape[1] if config.interp else 0
+    table_bytes = 2 * 2 * n_vocab * sae.n_features * 4   # fire_cur + fire_prev, int32
+    interp_skipped = None
+    if table_bytes > config.interp_max_table_bytes:
+        interp_skipped = (f"token tables of {table_bytes / 2**30:.1f} GiB ({n_vocab:,} tokens x "
+                          f"{sae.n_features:,} units) exceed interp_max_table_bytes")
+        logging.warning("unit stats: no interpretability score: %s", interp_skipped)
+        n_vocab = 0
     n_top = min(2 * config.top_k if config.dedup else config.top_k, config.batch_size * seq_len)
     t0 = time.perf_counter()
     state, active = run_pass(
@@ -273,7 +282,7 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                                         mesh=mesh)
         say(f"ablation done ({len(pairs)} unit-context pairs)")
     interp_recs, interp_summary = [None] * sae.n_features, None
-    if config.interp:
+    if n_vocab:
         from saejax.analysis import interp
 
         scores = interp.score_units(state.tables,
@@ -295,6 +304,7 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
     stats["meta"].update(unit=unit, reservoir=config.reservoir, pass_seconds=round(secs, 2),
                          tokens_per_second=round(n_tok / secs), coactivation=coact_info)
     stats["summary"]["interp"] = interp_summary
+    stats["meta"]["interp_skipped"] = interp_skipped
     return stats
 
 

@@ -263,6 +263,8 @@ def write_summary(report: dict[str, Any], sae_workdir: str, member: str | None =
         f"| analysis pass | {meta.get('pass_seconds', 0):.0f} s "
         f"({meta.get('tokens_per_second', 0):,} tokens/s) |", ""]
     lines += _interp_lines(summ.get("interp"), (report.get("neuron_summary") or {}).get("interp"))
+    if meta.get("interp_skipped"):
+        lines += [f"Automatic interpretability skipped: {meta['interp_skipped']}.", ""]
     lines += [
         f"Dashboard: `{os.path.abspath(report['dashboard'])}`  ",
         f"Feature statistics: `{os.path.abspath(report['stats'])}`"
