@@ -47,6 +47,7 @@ from jaxtyping import Array, Float, Int
 from saejax import parallel
 from saejax.analysis import interp
 from saejax.lm.model import forward
+from saejax.metrics import ProgressBar
 from saejax.sae.bundle import SAEBundle
 
 
@@ -216,17 +217,14 @@ def run_pass(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, mesh, *, b
 class Ticker:
     """``tick(done, total)`` drawing a :class:`saejax.metrics.ProgressBar` with tokens/s."""
 
-    def __init__(self, label: str, enabled: bool = True):
-        from saejax.metrics import ProgressBar
-
-        self.label, self.enabled, self.bar, self._t0 = label, enabled, None, time.perf_counter()
-        self._cls = ProgressBar
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar, self._t0 = enabled, None, time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
         if self.bar is None:
-            self.bar = self._cls(total)
+            self.bar = ProgressBar(total)
         rate = done / max(time.perf_counter() - self._t0, 1e-9)
         self.bar.update(done, {"tok/s": rate}, force=done >= total)
         if done >= total:

@@ -266,7 +266,7 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
         graphdef, lm_params, sae.on_mesh(mesh), tokens, mesh, batch=config.batch_size, top=n_top,
         reservoir=config.reservoir, before=config.window_before, width=width, vocab=n_vocab,
         seed=config.seed, active_tokens=config.coact_tokens if config.neighbours else 0,
-        n_active=config.coact_max_active, tick=Ticker("pass", enabled=show_progress))
+        n_active=config.coact_max_active, tick=Ticker(enabled=show_progress))
     secs = time.perf_counter() - t0
     n_tok = n_ctx * seq_len
     say(f"pass done ({n_tok:,} tokens in {secs:.1f} s, {n_tok / secs:,.0f} tokens/s)")
