@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2_000_000)
     ap.add_argument("--ablation_features", type=int, default=1024)
     ap.add_argument("--no_neurons", action="store_true")
+    ap.add_argument("--form", choices=("auto", "sparse", "dense"), default="auto",
+                    help="the feature pass's form (saejax.analysis.feature_passes.use_sparse)")
     ap.add_argument("--out", default=None, help="report folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -49,7 +51,7 @@ def main() -> None:
     t0 = time.perf_counter()
     report = analyze_run(args.workdir, out, n_tokens=args.tokens, member=args.member,
                          config=FeatureStatsConfig(ablation_max_features=args.ablation_features
-                                                   or None),
+                                                   or None, pass_form=args.form),
                          neurons=not args.no_neurons,
                          progress=lambda m: stages.append((round(time.perf_counter() - t0, 1), m)))
     total = time.perf_counter() - t0
@@ -58,6 +60,7 @@ def main() -> None:
            "cpus": os.cpu_count(), "features": report["sae"]["n_features"],
            "tokens": meta["n_tokens"], "split": meta["split"],
            "feature_pass_s": meta["pass_seconds"], "feature_tok_s": meta["tokens_per_second"],
+           "pass_form": meta.get("pass_form"), "compacted_batches": meta.get("compacted_batches"),
            "total_s": round(total, 1),
            "dashboard_mb": round(_size(os.path.dirname(report["dashboard"])) / 2**20, 1),
            "features_json_mb": round(_size(report["stats"]) / 2**20, 1), "stages": stages}

@@ -43,6 +43,9 @@ flags.DEFINE_integer("ablation_features", 1024, "features (densest first) whose 
 flags.DEFINE_integer("top_k", None, "top-activating contexts kept per feature (default: "
                      "the statistics' default)")
 flags.DEFINE_string("title", None, "dashboard title (default: the run's name)")
+flags.DEFINE_enum("pass_form", "auto", ["auto", "sparse", "dense"], "the feature pass's form: "
+                  "sparse reads a TopK dictionary's k active features per token (same "
+                  "statistics; auto picks it for TopK with k <= F/8)")
 
 FLAGS = flags.FLAGS
 
@@ -86,7 +89,8 @@ def main(argv):
         raise cli.UsageError(f"--ablation_features={FLAGS.ablation_features} must be >= 0")
     if not os.path.isdir(FLAGS.workdir):
         raise cli.UsageError(f"--workdir: no directory {FLAGS.workdir!r}")
-    config = FeatureStatsConfig(ablation_max_features=FLAGS.ablation_features or None)
+    config = FeatureStatsConfig(ablation_max_features=FLAGS.ablation_features or None,
+                                pass_form=FLAGS.pass_form)
     if FLAGS.top_k is not None:
         config = dataclasses.replace(config, top_k=FLAGS.top_k)
     check_split(FLAGS.workdir, FLAGS.member, FLAGS.step, FLAGS.split)

@@ -274,7 +274,7 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, f"{ROOT}/launch/analyze.py", f"--workdir={cfg.workdir}",
                            "--member=topk_8", "--contexts=16", "--ablation_features=4", "--top_k=3",
-                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--pass_form=sparse", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "analyze: pass done" in proc.stderr and "tok/s" in proc.stderr  # progress
     text = open(out / "summary.md").read()
@@ -293,6 +293,9 @@ def test_a_member_is_analysed_from_the_cli(swept, tmp_path):
     assert stats["meta"]["n_features"] == cfg.member("topk_8").sae.n_features
     tops = [len(f["top"]) for f in stats["features"]]
     assert max(tops) == 3  # --top_k reached the statistics
+    assert stats["meta"]["pass_form"] == "sparse"   # --pass_form too (neurons: their own form)
+    if os.path.isfile(out / "neurons.json"):
+        assert features.load_stats(str(out / "neurons.json"))["meta"]["pass_form"] == "dense"
     page = open(out / "dashboard" / "index.html").read()
     assert "sweep / topk_8" in page and "plots/training_train_loss.png" in page  # own curves
     # The member remembers where its analysis went: concept search reads it from there.

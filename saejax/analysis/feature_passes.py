@@ -29,6 +29,16 @@ Unit activations come from :meth:`saejax.sae.bundle.SAEBundle.encode` (SAE units
 bundle applies the run's input normaliser); the neurons of a site are a bundle too
 (:func:`saejax.analysis.neurons.neuron_bundle`).
 
+**The sparse form** (a TopK dictionary, chosen by :func:`use_sparse`): a token activates at
+most k units, so a batch is E = R k firing events (unit, row, value) read off the encoder's
+own top-k (:meth:`saejax.sae.bundle.SAEBundle.encode_sparse`). Counts, sums and the token
+tables become scatter-adds over E; each unit's top-K2 and reservoir candidates come from one
+stable sort of the events by (unit, key) and a rank within the unit (:func:`_per_unit`),
+instead of a top-k over R for each of the F units; once the lists fill, few events can
+still enter them (those above a unit's K2-th value or M-th priority), and a batch with few
+such events sorts only those. Windows are read from the dense [R, F] activations. It computes the same state as the dense form (tested), apart from float
+summation order and exact ties at a token's k-th value.
+
 Legend: B contexts per batch, T sequence, R = B*T token rows of a batch, F units, K2 top
 candidates, M reservoir size, W window tokens, V vocabulary, L active units per token.
 """
@@ -63,6 +73,7 @@ class PassState(NamedTuple):
     res_act: Float[Array, "F M"]
     res_win: Float[Array, "F M W"]
     tables: interp.TokenTables    # the interpretability score's counts (V 0: none)
+    compacted: Int[Array, ""]     # batches whose sparse selection ran on few events
 
 
 def feature_fn(graphdef, site: str) -> Callable:
@@ -102,13 +113,45 @@ def _merge(vals, new_vals, *carried):
     return keep, *out
 
 
+def _windows_rows(f: Float[Array, "R F"], rows: Int[Array, "F K"], seq_len: int, width: int,
+                  before: int) -> Float[Array, "F K W"]:
+    """:func:`_windows` read from the row-major ``f`` (rows -1, empty slots, read row 0)."""
+    n_units = f.shape[1]
+    r = jnp.maximum(rows, 0)
+    t = r % seq_len
+    start = jnp.clip(t - before, 0, seq_len - width)
+    win = (r - t + start)[..., None] + jnp.arange(width)
+    return jnp.take(f.reshape(-1), win * n_units + jnp.arange(n_units)[:, None, None])
+
+
+def _per_unit(units: Int[Array, " E"], keys: Float[Array, " E"], carried: tuple, n_units: int,
+              k: int) -> tuple:
+    """Per unit, its ``k`` events with the largest ``keys`` (ties: the earlier event, as
+    ``lax.top_k`` over the unit's row). Event e belongs to unit ``units[e]``; ``n_units``
+    marks an event to drop. Returns (keys [F, k], *carried [F, k]), -1 in the slots of a unit
+    with fewer than k events. One stable sort of the E events, then a scatter."""
+    e = units.shape[0]
+    su, neg, *cs = jax.lax.sort((units, -keys, *carried), num_keys=2, is_stable=True)
+    counts = jnp.zeros(n_units + 1, jnp.int32).at[units].add(1)
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.arange(e, dtype=jnp.int32) - starts[su]
+    slot = jnp.where((rank < k) & (su < n_units), su * k + rank, n_units * k)
+
+    def put(x):
+        empty = jnp.full(n_units * k, -1, x.dtype)
+        return empty.at[slot].set(x, mode="drop").reshape(n_units, k)
+
+    return put(-neg), *(put(c) for c in cs)
+
+
 def state_shardings(mesh) -> PassState:
     lat = {n: parallel.named_sharding(mesh, ("latent",) + (None,) * (n - 1)) for n in (1, 2, 3)}
     rep = parallel.replicated(mesh)
     last = parallel.named_sharding(mesh, (None, None, "latent"))
     return PassState(count=lat[1], act_sum=lat[1], l0_hist=rep, top_val=lat[2], top_pos=lat[2],
                      top_win=lat[3], res_pri=lat[2], res_pos=lat[2], res_act=lat[2],
-                     res_win=lat[3], tables=interp.TokenTables(last, last, rep, rep))
+                     res_win=lat[3], tables=interp.TokenTables(last, last, rep, rep),
+                     compacted=rep)
 
 
 def init_state(n_units: int, top: int, reservoir: int, width: int, vocab: int) -> PassState:
@@ -123,17 +166,24 @@ def init_state(n_units: int, top: int, reservoir: int, width: int, vocab: int) -
         res_pos=np.full((F, reservoir), -1, np.int32),
         res_act=np.zeros((F, reservoir), np.float32),
         res_win=np.zeros((F, reservoir, width), np.float32),
-        tables=interp.init_tables(vocab, F))
+        tables=interp.init_tables(vocab, F), compacted=np.zeros((), np.int32))
 
 
 def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: int, width: int,
-              seq_len: int, vocab: int, n_active: int = 0, candidates: int = 16):
+              seq_len: int, vocab: int, n_active: int = 0, candidates: int = 16,
+              sparse: bool = False, event_cap: int | None = None):
     """Jitted ``(state, lm_params, sae, tokens [B, T], row0, key) -> (state, active)``.
 
     ``row0`` is the global index of the batch's first context (token positions in the state
     are global: ``row * T + t``; the context's half for the token tables is ``row % 2``).
     ``active`` is None, or with ``n_active`` = L > 0 each token's L largest activations
-    (values [R, L], unit ids [R, L]). The state is donated.
+    (values [R, L], unit ids [R, L]). The state is donated. ``sparse`` (a TopK dictionary
+    only): select from the k active features of each token (E = R k events: sorts and
+    scatters over E) instead of from the dense [R, F] activations (top-k over R for every
+    unit); the same state up to float summation order and exact ties. Once a unit's lists
+    are full only events above their minimum can enter them: a batch with at most
+    ``event_cap`` such events (default E / 8) selects from those alone (``compacted`` counts
+    these batches), others from all E.
     """
     features = feature_fn(graphdef, site)
     shardings = state_shardings(mesh)
@@ -163,14 +213,92 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
         new = PassState(count=state.count + n_fired, act_sum=state.act_sum + jnp.sum(f, axis=0),
                         l0_hist=state.l0_hist.at[l0].add(1), top_val=top_val, top_pos=top_pos,
                         top_win=top_win, res_pri=res[0], res_pos=res[1], res_act=res[2],
-                        res_win=res[3], tables=tables)
+                        res_win=res[3], tables=tables, compacted=state.compacted)
         active = None
         if n_active:
             active = tuple(jax.lax.top_k(f, n_active))
         return new, active
 
+    def sparse_step(state: PassState, lm_params, sae, tokens, row0, key):
+        (acts,) = forward(graphdef, lm_params, tokens, sites=(site,), logits=False).acts.values()
+        f, vals, ids = sae.encode_sparse(acts.reshape(-1, acts.shape[-1]))   # [R, F], [R, k] x 2
+        n_rows, k = vals.shape
+        n_units = f.shape[1]
+        on = vals > 0
+        units = jnp.where(on, ids, n_units).reshape(-1)         # E = R k events; F = dropped
+        rows = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k)).reshape(-1)
+        v = vals.reshape(-1)
+        offset = row0 * seq_len
+        n_fired = jnp.zeros(n_units + 1, jnp.int32).at[units].add(1)[:n_units]
+        v_sum = jnp.zeros(n_units + 1, jnp.float32).at[units].add(v)[:n_units]
+        l0 = jnp.sum(on, axis=1, dtype=jnp.int32)
+        u = jax.random.uniform(key, (1, n_rows))    # the dense step's priorities, bit for bit
+        p = u[0, rows]
+
+        def select(units, v, rows, p):
+            return (*_per_unit(units, v, (rows,), n_units, top),
+                    *_per_unit(units, p, (rows, v), n_units, min(candidates, reservoir)))
+
+        # Only events above a unit's current K2-th value or M-th priority can enter its lists
+        # (ties keep the earlier entry), so when few are, select from those only.
+        inf = jnp.full((1,), jnp.inf, jnp.float32)
+        thr_top = jnp.concatenate([state.top_val[:, -1], inf])[units]
+        thr_res = jnp.concatenate([state.res_pri[:, -1], inf])[units]
+        keep = (v > thr_top) | (p > thr_res)
+        n_events = units.shape[0]
+        cap = max(1, n_events // 8 if event_cap is None else min(event_cap, n_events))
+        compact = jnp.sum(keep) <= cap
+
+        def few(_):
+            idx = jax.lax.sort(jnp.where(keep, jnp.arange(n_events, dtype=jnp.int32), n_events))[:cap]
+
+            def take(x, fill):
+                return jnp.concatenate([x, jnp.full((1,), fill, x.dtype)])[idx]
+
+            return select(take(units, n_units), take(v, 0.0), take(rows, 0), take(p, -1.0))
+
+        sel = jax.lax.cond(compact, few, lambda _: select(units, v, rows, p), None)
+        tv, trows, pri, crows, cact = sel
+        top_val, top_pos, top_win = _merge(
+            state.top_val, tv, (state.top_pos, jnp.where(trows >= 0, trows + offset, -1)),
+            (state.top_win, _windows_rows(f, trows, seq_len, width, before)))
+        res = _merge(state.res_pri, pri, (state.res_pos, jnp.where(crows >= 0, crows + offset, -1)),
+                     (state.res_act, cact),
+                     (state.res_win, _windows_rows(f, crows, seq_len, width, before)))
+        tables = state.tables
+        if vocab:
+            half = (row0 + jnp.arange(tokens.shape[0])) % 2
+            if 2 * vocab * n_units < 2**31:     # flat int32 indices into the [2, V, F] tables
+                tables = interp.update_tables_events(tables, tokens, rows, units, units < n_units,
+                                                     half)
+            else:
+                tables = interp.update_tables(tables, tokens, f > 0, half)
+        new = PassState(count=state.count + n_fired, act_sum=state.act_sum + v_sum,
+                        l0_hist=state.l0_hist.at[l0].add(1), top_val=top_val, top_pos=top_pos,
+                        top_win=top_win, res_pri=res[0], res_pos=res[1], res_act=res[2],
+                        res_win=res[3], tables=tables,
+                        compacted=state.compacted + compact.astype(jnp.int32))
+        active = None
+        if n_active:        # each token's n_active largest, as the dense step's top_k of f
+            pad = max(n_active - k, 0)
+            active = (jnp.pad(vals, ((0, 0), (0, pad)))[:, :n_active],
+                      jnp.pad(ids, ((0, 0), (0, pad)))[:, :n_active])
+        return new, active
+
     out = (shardings, None if not n_active else (rep, rep))
-    return jax.jit(step, out_shardings=out, donate_argnums=0)
+    return jax.jit(sparse_step if sparse else step, out_shardings=out, donate_argnums=0)
+
+
+def use_sparse(sae: SAEBundle, sparse: bool | None = None) -> bool:
+    """Whether the pass reads the dictionary's k active features per token instead of its
+    dense activations: ``sparse`` if given (True needs a TopK dictionary), else whenever the
+    dictionary is TopK with k <= F / 8 (measured on XLA:CPU in benchmarks/RESULTS.md)."""
+    k = sae.k_sparse
+    if sparse is None:
+        return bool(k) and 8 * k <= sae.n_features
+    if sparse and not k:
+        raise ValueError(f"a sparse pass needs a TopK dictionary, not {sae.config.architecture!r}")
+    return sparse
 
 
 def batches(tokens: np.ndarray, batch: int, mesh) -> Iterator[tuple[int, jax.Array]]:
@@ -184,17 +312,19 @@ def batches(tokens: np.ndarray, batch: int, mesh) -> Iterator[tuple[int, jax.Arr
 def run_pass(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, mesh, *, batch: int,
              top: int, reservoir: int, before: int, width: int, vocab: int, seed: int,
              active_tokens: int = 0, n_active: int = 0,
-             tick: Callable[[int, int], None] | None = None
+             tick: Callable[[int, int], None] | None = None, sparse: bool | None = None,
+             event_cap: int | None = None
              ) -> tuple[PassState, list[tuple[np.ndarray, np.ndarray]]]:
     """The pass over ``tokens`` [N, T] (N a multiple of ``batch``); returns the host state
     and, for the first ``active_tokens`` tokens, each token's ``n_active`` largest
     activations as (values, ids) per batch. ``tick(tokens_done, tokens_total)`` is called
-    after each batch. ``sae`` must already be placed on ``mesh``.
+    after each batch. ``sae`` must already be placed on ``mesh``. ``sparse``: see
+    :func:`use_sparse` (None = automatic); ``event_cap``: see :func:`make_step`.
     """
     seq_len = tokens.shape[1]
     n_active = min(n_active, sae.n_features)
     kw = dict(top=top, reservoir=reservoir, before=before, width=width, seq_len=seq_len,
-              vocab=vocab)
+              vocab=vocab, sparse=use_sparse(sae, sparse), event_cap=event_cap)
     step = make_step(graphdef, sae.site, mesh, **kw)
     step_active = make_step(graphdef, sae.site, mesh, n_active=n_active, **kw) if n_active else None
     state = jax.device_put(init_state(sae.n_features, top, reservoir, width, vocab),

@@ -38,12 +38,15 @@ from absl import logging
 
 from saejax import parallel
 from saejax.analysis import ablation, logits, neighbours
-from saejax.analysis.feature_passes import PassState, Ticker, run_pass
-from saejax.config import MeshConfig, check, check_fraction, check_nonnegative, check_positive
+from saejax.analysis.feature_passes import PassState, Ticker, run_pass, use_sparse
+from saejax.config import ConfigError, MeshConfig, check, check_fraction, check_nonnegative, check_positive
 from saejax.lm.model import lm_module, split_lm
 from saejax.sae.bundle import SAEBundle
 
 STATS_FORMAT = 2
+
+
+_FORMS = {"auto": None, "sparse": True, "dense": False}   # FeatureStatsConfig.pass_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,8 @@ class FeatureStatsConfig:
         co-activation.
       coact_max_active: active units read per token for co-activation (a token with more
         is counted as "truncated" in the meta).
+      pass_form: "auto", "sparse" (a TopK dictionary's k active features per token) or
+        "dense"; the same statistics (:func:`saejax.analysis.feature_passes.use_sparse`).
     """
 
     batch_size: int = 16
@@ -114,6 +119,7 @@ class FeatureStatsConfig:
     neighbours: int = 5
     coact_tokens: int = 131_072
     coact_max_active: int = 64
+    pass_form: str = "auto"
 
     def __post_init__(self):
         for name in ("batch_size", "top_k", "n_intervals", "samples_per_interval", "hist_bins",
@@ -128,6 +134,8 @@ class FeatureStatsConfig:
         if self.ultralow_density is not None:
             check_positive("analysis.ultralow_density", self.ultralow_density)
         check_fraction("analysis.dense_threshold", self.dense_threshold)
+        check("analysis.pass_form", self.pass_form, self.pass_form in _FORMS,
+              f"must be one of {sorted(_FORMS)}")
         for name in ("interp_min_firings", "neighbours", "coact_tokens"):
             check_nonnegative(f"analysis.{name}", getattr(self, name))
 
@@ -226,7 +234,8 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
         format, meta{site, unit, norm_scale, n_features, d_in, n_contexts, seq_len, n_tokens,
                      window{before, after, width}, top_k, n_intervals, reservoir,
                      logit_mode, ultralow_threshold, dense_threshold, pass_seconds,
-                     tokens_per_second, coactivation{tokens, truncated} | None}
+                     tokens_per_second, pass_form (sparse | dense; see feature_passes),
+                     compacted_batches, coactivation{tokens, truncated} | None}
         summary{alive, silent, ultralow, dense, mean_l0, interp{...} | None}
         density[F], mean_act[F] (over all tokens), mean_act_active[F], max_act[F]
         silent[ids], ultralow[ids], dense[ids], l0_hist[counts by L0], vocab[strings] | None
@@ -260,13 +269,17 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                           f"{sae.n_features:,} units) exceed interp_max_table_bytes")
         logging.warning("unit stats: no interpretability score: %s", interp_skipped)
         n_vocab = 0
+    if config.pass_form == "sparse" and not sae.k_sparse:
+        raise ConfigError(f"analysis.pass_form='sparse' needs a TopK dictionary, not "
+                          f"{sae.config.architecture!r} (use 'auto' or 'dense')")
     n_top = min(2 * config.top_k if config.dedup else config.top_k, config.batch_size * seq_len)
     t0 = time.perf_counter()
     state, active = run_pass(
         graphdef, lm_params, sae.on_mesh(mesh), tokens, mesh, batch=config.batch_size, top=n_top,
         reservoir=config.reservoir, before=config.window_before, width=width, vocab=n_vocab,
         seed=config.seed, active_tokens=config.coact_tokens if config.neighbours else 0,
-        n_active=config.coact_max_active, tick=Ticker(enabled=show_progress))
+        n_active=config.coact_max_active, tick=Ticker(enabled=show_progress),
+        sparse=_FORMS[config.pass_form])
     secs = time.perf_counter() - t0
     n_tok = n_ctx * seq_len
     say(f"pass done ({n_tok:,} tokens in {secs:.1f} s, {n_tok / secs:,.0f} tokens/s)")
@@ -301,8 +314,10 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
              | {"interp": interp_recs[i], "neighbours": neigh[i]}
              for i in range(sae.n_features)]
     stats = _assemble(sae, state, density, config, n_ctx, seq_len, width, vocab, feats)
+    form = "sparse" if use_sparse(sae, _FORMS[config.pass_form]) else "dense"
     stats["meta"].update(unit=unit, reservoir=config.reservoir, pass_seconds=round(secs, 2),
-                         tokens_per_second=round(n_tok / secs), coactivation=coact_info)
+                         tokens_per_second=round(n_tok / secs), coactivation=coact_info,
+                         pass_form=form, compacted_batches=int(state.compacted))
     stats["summary"]["interp"] = interp_summary
     stats["meta"]["interp_skipped"] = interp_skipped
     return stats

@@ -71,6 +71,21 @@ def init_tables(vocab_size: int, n_units: int) -> TokenTables:
                        np.zeros((2, v), np.int32), np.zeros((2, v), np.int32))
 
 
+def _row_keys(tokens: Int[Array, "B T"], half: Int[Array, " B"], two: int, v: int
+              ) -> tuple[Int[Array, " R"], Int[Array, " R"]]:
+    """Each token row's table row ``half * V + token`` for the current and the preceding
+    token (2V = dropped: a token outside [0, V), a bad half, or position 0 for ``prev``)."""
+    b, t = tokens.shape
+    tokens = tokens.astype(jnp.int32)
+    half = jnp.broadcast_to(half.astype(jnp.int32)[:, None], (b, t))
+    ok = (tokens >= 0) & (tokens < v) & (half >= 0) & (half < two)
+    cur = jnp.where(ok, half * v + tokens, two * v).reshape(-1)
+    prev_ok = jnp.pad(ok[:, :-1], ((0, 0), (1, 0)))                      # position 0: False
+    prev_tok = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+    prev = jnp.where(prev_ok, half * v + prev_tok, two * v).reshape(-1)
+    return cur, prev
+
+
 def update_tables(tables: TokenTables, tokens: Int[Array, "B T"], fired: Bool[Array, "R F"],
                   half: Int[Array, " B"]) -> TokenTables:
     """Adds one batch to the tables (pure jnp; traceable by ``jax.jit``).
@@ -80,13 +95,7 @@ def update_tables(tables: TokenTables, tokens: Int[Array, "B T"], fired: Bool[Ar
     """
     two, v, f = tables.fire_cur.shape
     b, t = tokens.shape
-    tokens = tokens.astype(jnp.int32)
-    half = jnp.broadcast_to(half.astype(jnp.int32)[:, None], (b, t))
-    ok = (tokens >= 0) & (tokens < v) & (half >= 0) & (half < two)
-    cur = jnp.where(ok, half * v + tokens, two * v).reshape(-1)           # [R]; 2V = dropped
-    prev_ok = jnp.pad(ok[:, :-1], ((0, 0), (1, 0)))                      # position 0: False
-    prev_tok = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
-    prev = jnp.where(prev_ok, half * v + prev_tok, two * v).reshape(-1)
+    cur, prev = _row_keys(tokens, half, two, v)
     r = b * t
     c = min(_CHUNK, r)
     pad = -r % c                    # pad rows to a multiple of the chunk (index 2V: dropped)
@@ -108,6 +117,29 @@ def update_tables(tables: TokenTables, tokens: Int[Array, "B T"], fired: Bool[Ar
     tok_cur = tables.tok_cur.reshape(-1).at[cur].add(ones, mode="drop").reshape(two, v)
     tok_prev = tables.tok_prev.reshape(-1).at[prev].add(ones, mode="drop").reshape(two, v)
     return TokenTables(fc.reshape(two, v, f), fp.reshape(two, v, f), tok_cur, tok_prev)
+
+
+def update_tables_events(tables: TokenTables, tokens: Int[Array, "B T"], rows: Int[Array, " E"],
+                         units: Int[Array, " E"], fired: Bool[Array, " E"],
+                         half: Int[Array, " B"]) -> TokenTables:
+    """:func:`update_tables` from firing events: unit ``units[e]`` fired on token row
+    ``rows[e]`` (a row of ``tokens`` flattened) where ``fired[e]``; one event per (row, unit).
+    The same counts as :func:`update_tables` on the dense firing mask, at a cost in the events."""
+    two, v, f = tables.fire_cur.shape
+    b, t = tokens.shape
+    cur, prev = _row_keys(tokens, half, two, v)
+    units = units.astype(jnp.int32)
+    drop = two * v * f
+    i_cur = jnp.where(fired & (cur[rows] < two * v), cur[rows] * f + units, drop)
+    i_prev = jnp.where(fired & (prev[rows] < two * v), prev[rows] * f + units, drop)
+    ones = jnp.ones(rows.shape, jnp.int32)
+    fc = tables.fire_cur.reshape(-1).at[i_cur].add(ones, mode="drop").reshape(two, v, f)
+    fp = tables.fire_prev.reshape(-1).at[i_prev].add(ones, mode="drop").reshape(two, v, f)
+    r = b * t
+    ones_r = jnp.ones((r,), jnp.int32)
+    tok_cur = tables.tok_cur.reshape(-1).at[cur].add(ones_r, mode="drop").reshape(two, v)
+    tok_prev = tables.tok_prev.reshape(-1).at[prev].add(ones_r, mode="drop").reshape(two, v)
+    return TokenTables(fc, fp, tok_cur, tok_prev)
 
 
 def _top_tokens(fire: np.ndarray, tok: np.ndarray, k: int) -> np.ndarray:

@@ -13,6 +13,7 @@ plots.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -114,7 +115,9 @@ def analyze_run(sae_workdir: str, out_dir: str | None = None, *, n_contexts: int
     neuron_stats, neuron_path = None, None
     if neurons and has_neurons(model, sae.site):
         neuron_stats = features.compute_feature_stats(
-            model, neuron_bundle(model, sae.site), tokens, config, vocab=stats["vocab"],
+            # Neurons are no TopK dictionary: their pass picks its own form.
+            model, neuron_bundle(model, sae.site), tokens,
+            dataclasses.replace(config, pass_form="auto"), vocab=stats["vocab"],
             mesh=mesh, progress=progress, unit="neuron", show_progress=show_progress)
         neuron_stats["meta"].update(extra | {"train_dead": None})
         neuron_path = os.path.join(out_dir, "neurons.json")

@@ -38,7 +38,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from saejax import parallel
 from saejax.config import check, from_config, to_dict
@@ -94,6 +94,28 @@ class SAEBundle:
         x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
         f = model.encode(self.params, self.normalizer.apply(x), self.config)
         return f.reshape(acts.shape[:-1] + (f.shape[-1],))
+
+    @property
+    def k_sparse(self) -> int:
+        """k when the inference form activates at most k features per input (TopK), else 0."""
+        return self.config.k if self.config.architecture == "topk" else 0
+
+    def encode_sparse(self, acts: Float[Array, "N D"]
+                      ) -> tuple[Float[Array, "N F"], Float[Array, "N k"], Int[Array, "N k"]]:
+        """A TopK dictionary's (f, values, ids): f = :meth:`encode`, and each input's k
+        largest activations (descending; ReLU applied, so a value may be 0) with their
+        feature ids, read off the same top-k. (f keeps every entry tied with the k-th value,
+        the lists exactly k: they differ only on exact ties.)"""
+        k = self.k_sparse
+        if not k:
+            raise ValueError(f"architecture {self.config.architecture!r} is not k-sparse per input")
+        x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
+        pre = model.pre_activations(self.params, self.normalizer.apply(x), self.config)
+        vals, ids = jax.lax.top_k(pre, k)
+        # The k-th value as the min of the k (a slice of top_k's output is a full sort on
+        # XLA:CPU), the same threshold as saejax.sae.topk.topk_activation.
+        f = jnp.where(pre >= jnp.min(vals, axis=-1, keepdims=True), jax.nn.relu(pre), 0.0)
+        return f, jax.nn.relu(vals), ids
 
     def decode(self, f: Float[Array, "*N F"]) -> Float[Array, "*N D"]:
         """Reconstruction in input units of feature activations."""
