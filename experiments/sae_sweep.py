@@ -28,6 +28,9 @@ def _member(name: str, **sae) -> ml_collections.ConfigDict:
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c = _get(arg)
     c.sweep_memory_limit_bytes = 0  # 0: the device's memory (host memory on a CPU)
+    # "members": each device trains whole dictionaries (needs each group's size to divide
+    # over mesh.model); "features": each dictionary split over mesh.model; "auto" chooses.
+    c.member_sharding = "auto"
     return c
 
 

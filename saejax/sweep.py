@@ -81,10 +81,12 @@ def train_sweep(cfg: SweepConfig, *, activations=None, allow_changes: tuple[str,
     base = cfg.base()
     mesh, lm, source = open_source(base, activations)
     check_provenance(base, lm, source)
-    groups = sweep_groups(cfg)
+    groups = sw.layout_groups(sweep_groups(cfg), mesh, cfg.member_sharding, cfg.batch_size,
+                              cfg.sweep_memory_limit_bytes)
     memory = sw.check_sweep_memory(groups, mesh, cfg.batch_size, cfg.sweep_memory_limit_bytes)
-    logging.info("sweep of %d members in %d group(s); estimated %.2f GiB per device",
-                 len(cfg.members), len(groups), memory["total"] / 2 ** 30)
+    logging.info("sweep of %d members in %d group(s) (layouts: %s); estimated %.2f GiB per device",
+                 len(cfg.members), len(groups), ", ".join(g.layout for g in groups),
+                 memory["total"] / 2 ** 30)
     steps = [sw.make_group_step(g, mesh) for g in groups]
     getters = [sw.member_getter(g, mesh) for g in groups]
     setters = [sw.member_setter(g, mesh) for g in groups]
@@ -93,12 +95,10 @@ def train_sweep(cfg: SweepConfig, *, activations=None, allow_changes: tuple[str,
     strategies = {name: make_dead_strategy(mc.sae, mesh) for _, _, name, mc in members}
     ckpt = Checkpointer(os.path.join(cfg.workdir, CHECKPOINTS), keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
-    counts_sh = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, *parallel.named_sharding(mesh, ("latent",)).spec))
     abstract = {"groups": {_group_key(gi): sw.abstract_stack(g, mesh) for gi, g in enumerate(groups)},
                 "source": source.abstract_device_state(),
                 "counts": {_group_key(gi): jax.ShapeDtypeStruct((g.size, g.config.n_features), jnp.int32,
-                                                                sharding=counts_sh)
+                                                                sharding=sw.counts_sharding(g, mesh))
                            for gi, g in enumerate(groups)}}
     where = f"the sweep in {cfg.workdir!r}"
     if ckpt.latest_step() is not None:
@@ -119,7 +119,7 @@ def train_sweep(cfg: SweepConfig, *, activations=None, allow_changes: tuple[str,
         state = {"groups": {_group_key(gi): sw.init_stack(g, mesh, init) for gi, g in enumerate(groups)},
                  "source": source.init_device_state(),
                  "counts": {_group_key(gi): jax.device_put(np.zeros((g.size, g.config.n_features), np.int32),
-                                                           counts_sh)
+                                                           sw.counts_sharding(g, mesh))
                             for gi, g in enumerate(groups)}}
     normalizer = record.normalizer
     prep = jax.jit(lambda x: normalizer.apply(x.astype(jnp.float32)),

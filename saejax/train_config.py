@@ -303,10 +303,15 @@ class SweepConfig(SAETrainConfig):
       members: the dictionaries (at least one; names unique).
       sweep_memory_limit_bytes: memory one device may use (0: detect; a sweep whose
         estimate exceeds it is refused at setup).
+      member_sharding: "features" (each dictionary split over mesh.model, as a single
+        run), "members" (the members split over mesh.model, each device training whole
+        dictionaries; a group's size must divide) or "auto" ("members" where it divides
+        and fits in memory); :mod:`saejax.sae.sweep_step`.
     """
 
     members: tuple[SweepMember, ...] = ()
     sweep_memory_limit_bytes: int = 0
+    member_sharding: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -316,6 +321,9 @@ class SweepConfig(SAETrainConfig):
         dup = sorted({n for n in names if names.count(n) > 1})
         check("members", dup, not dup, "must have unique names (repeated: " + ", ".join(dup) + ")")
         check_nonnegative("sweep_memory_limit_bytes", self.sweep_memory_limit_bytes)
+        check("member_sharding", self.member_sharding,
+              self.member_sharding in ("auto", "features", "members"),
+              "must be 'auto', 'features' or 'members'")
         for i, m in enumerate(self.members):
             self._member_sae(i, m)  # every member's config is valid now, not at its turn
 

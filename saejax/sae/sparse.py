@@ -31,7 +31,9 @@ candidates of each input are all-gathered over "model" and their top k is the gl
 Each device then decodes, and scatters gradients for, the winners its slice holds (the
 others enter with coefficient 0); the partial reconstructions are summed over "model" and
 the gradients over "data". What crosses "model" per step is [B, M k] candidates and one
-[B, D] sum.
+[B, D] sum. Inside a ``shard_map`` that is already manual over some mesh axes (a sweep whose
+members are spread over "model", :mod:`saejax.sae.sweep_step`), those axes hold whole
+dictionaries: the kernel splits only over the axes still automatic.
 
 :func:`use_sparse` is the cost model that picks this path for ``SAEConfig.step_kernel =
 "auto"``.
@@ -176,10 +178,15 @@ def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Me
     b = x.shape[0]
     if mesh is None or mesh.size == 1:
         return _local(params, x, k, k_max, precision, b, None)
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)  # axes an enclosing shard_map owns
     data = parallel.logical_to_spec(("batch",))[0]
     latent = parallel.logical_to_spec(("latent",))[0]
-    data = data if data is not None and mesh.shape[data] > 1 else None
-    latent = latent if latent is not None and mesh.shape[latent] > 1 else None
+    data = data if data is not None and data not in manual and mesh.shape[data] > 1 else None
+    latent = latent if latent is not None and latent not in manual and mesh.shape[latent] > 1 else None
+    if manual:
+        if data is None and latent is None:
+            return _local(params, x, k, k_max, precision, b, None)
+        mesh = jax.sharding.get_abstract_mesh()
     rows, rep = PartitionSpec(data, None), PartitionSpec()
     per_feature = lambda v: v.ndim >= 1 and v.shape[0] == params.W_enc.shape[0]  # noqa: E731
     param_specs = jax.tree.map(lambda v: PartitionSpec(latent) if per_feature(v) else rep, params)
@@ -193,8 +200,9 @@ def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Me
     in_specs = (param_specs, rows) + (() if static_k else (rep,))
     sliced = PartitionSpec(latent)
     out_specs = (rows, rows, rows, rows, rep, sliced, sliced, sliced, rep)
+    free = {"axis_names": set(mesh.axis_names) - manual} if manual else {}
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(*args)
+                         check_vma=False, **free)(*args)
 
 
 def forward_backward(params, x: Float[Array, "B D"], config, stale: Int[Array, " F"] | None, ctx, mesh):

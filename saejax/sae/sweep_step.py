@@ -22,9 +22,21 @@ The step kernel (dense, or TopK's sparse one, :mod:`saejax.sae.sparse`) is one p
 pick the other kernel alone equals its solo run to float rounding instead of bit for bit
 (set ``step_kernel`` explicitly to pin it).
 
-Sharding: the member axis is not sharded; each member's arrays are sharded exactly as a
-single run's (latent over the "latent" rule, batch over "batch"), so the sweep runs on any
-mesh a single run does, and sharded equals one device.
+Sharding: a group has one of two layouts (:data:`LAYOUTS`, ``SweepConfig.member_sharding``):
+
+- "features": each member's arrays are sharded exactly as a single run's (the dictionary
+  split over the "latent" rule's mesh axis, "model"; the batch over "data") and the
+  loop runs every member on every device. It runs on any mesh a single run does.
+- "members": the member axis is split over "model" and each device holds whole
+  dictionaries of N / M members (M the size of "model"; N must divide). The step is a
+  ``shard_map`` manual over "model" only: each device loops over its own members with the
+  single step, the batch still split over "data" (automatic inside), and nothing crosses
+  "model" (the "features" layout sums partial reconstructions and gathers top-k candidates
+  over it at every step). Each member then runs as it would alone on a data x 1 mesh.
+
+"auto" picks "members" where "model" has more than one device, N divides over it and the
+estimate (:func:`estimate_sweep_memory`) fits; else "features". With one device on "model"
+the two are the same. Sharded equals one device in both.
 
 Legend: N members, B batch, D input width, F features.
 """
@@ -44,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from saejax.config import ConfigError
-from saejax.parallel import check_divisible, named_sharding
+from saejax.parallel import check_divisible, logical_to_spec, named_sharding
 from saejax.sae import gradcheck, memory, registry, schedule
 from saejax.sae.config import SAEConfig
 from saejax.sae.step import (BATCH_AXES, TrainState, abstract_state, check_kernel, check_live,
@@ -55,6 +67,8 @@ from saejax.sae.step import (BATCH_AXES, TrainState, abstract_state, check_kerne
 # initial state; the others are read inside the step (TRACED).
 SWEPT = ("lr", "l1_coefficient", "l0_coefficient", "aux_coefficient", "k", "seed")
 TRACED = ("lr", "l1_coefficient", "l0_coefficient", "aux_coefficient", "k")
+# How a group's stack is laid out over the mesh (module docstring); "auto" chooses.
+LAYOUTS = ("features", "members")
 
 
 def group_key(config: SAEConfig) -> tuple:
@@ -79,10 +93,16 @@ class Group:
     Attributes:
       names: member names, in stacking order.
       configs: their SAE configs (equal but for :data:`SWEPT` fields).
+      layout: "features" or "members" (:data:`LAYOUTS`; module docstring).
     """
 
     names: tuple[str, ...]
     configs: tuple[SAEConfig, ...]
+    layout: str = "features"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"group layout {self.layout!r} must be one of {LAYOUTS}")
 
     @property
     def config(self) -> SAEConfig:
@@ -121,12 +141,60 @@ def make_groups(names: Sequence[str], configs: Sequence[SAEConfig]) -> list[Grou
 # ---------------------------------------------------------------------------------------
 
 
-def _stack_sharding(sh: NamedSharding) -> NamedSharding:
-    return NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
+def member_axis(mesh: Mesh) -> str | None:
+    """The mesh axis a "members" layout splits the member axis over (the "latent" rule's,
+    "model"), or None where it has one device."""
+    axis = logical_to_spec(("latent",))[0]
+    return axis if axis is not None and mesh.shape.get(axis, 1) > 1 else None
+
+
+def choose_layout(group: Group, mesh: Mesh, requested: str) -> str:
+    """The layout a group gets for ``SweepConfig.member_sharding`` = ``requested`` ("auto"
+    here means "members" if the members divide over the mesh; the memory check may still
+    fall back, :func:`layout_groups`).
+
+    Raises:
+      ConfigError: "members" asked for a group whose size does not divide over "model".
+    """
+    axis = member_axis(mesh)
+    if requested == "features" or axis is None:
+        return "features"
+    fits = group.size % mesh.shape[axis] == 0
+    if requested == "members" and not fits:
+        raise ConfigError(
+            f"member_sharding='members' needs each group's members to split evenly over mesh "
+            f"axis {axis!r} ({mesh.shape[axis]} devices); the group {', '.join(group.names)} has "
+            f"{group.size} (add or drop members, or use 'auto' or 'features')")
+    return "members" if fits else "features"
+
+
+def _stack_sharding(sh: NamedSharding, axis: str | None = None) -> NamedSharding:
+    """A single run's sharding with a leading member axis: unsplit (``axis`` None), or split
+    over ``axis`` with ``axis`` removed from the member's own dimensions (whole dictionaries)."""
+    if axis is None:
+        return NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
+
+    def drop(a):
+        if isinstance(a, tuple):
+            rest = tuple(x for x in a if x != axis)
+            return rest or None
+        return None if a == axis else a
+
+    return NamedSharding(sh.mesh, PartitionSpec(axis, *(drop(a) for a in sh.spec)))
+
+
+def _layout_axis(group: Group, mesh: Mesh) -> str | None:
+    return member_axis(mesh) if group.layout == "members" else None
 
 
 def stacked_shardings(group: Group, mesh: Mesh) -> TrainState:
-    return jax.tree.map(_stack_sharding, state_shardings(group.config, mesh))
+    axis = _layout_axis(group, mesh)
+    return jax.tree.map(lambda sh: _stack_sharding(sh, axis), state_shardings(group.config, mesh))
+
+
+def counts_sharding(group: Group, mesh: Mesh) -> NamedSharding:
+    """Sharding of the group's per-member feature counts [N, F]."""
+    return _stack_sharding(named_sharding(mesh, ("latent",)), _layout_axis(group, mesh))
 
 
 def abstract_stack(group: Group, mesh: Mesh) -> TrainState:
@@ -174,19 +242,36 @@ def group_step_fn(group: Group, anneal: bool = False, sparse: bool = False, mesh
         cfg = traced_config(config, {f: hyper[f][i] for f in traced}) if traced else config
         return train_step_fn(cfg, make_optimizer(cfg), anneal, k_max, sparse, mesh)(state, x)
 
-    def step(stack: TrainState, x: Float[Array, "B D"]):
+    def loop(stack: TrainState, x: Float[Array, "B D"], first=0):
+        """Every member of ``stack`` in turn (``first``: the global index of its first)."""
+        n = jax.tree.leaves(stack)[0].shape[0]
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stack)
         shapes = jax.eval_shape(member, one, x, 0)[1]
-        metrics = jax.tree.map(lambda s: jnp.zeros((group.size, *s.shape), s.dtype), shapes)
+        metrics = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), shapes)
 
         def body(i, carry):
             stack, metrics = carry
             state, m = member(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
-                                           stack), x, i)
+                                           stack), x, first + i)
             put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0)  # noqa: E731
             return jax.tree.map(put, stack, state), jax.tree.map(put, metrics, m)
 
-        return jax.lax.fori_loop(0, group.size, body, (stack, metrics))
+        return jax.lax.fori_loop(0, n, body, (stack, metrics))
+
+    axis = _layout_axis(group, mesh) if mesh is not None else None
+    if axis is None:
+        return loop
+
+    n_local = group.size // mesh.shape[axis]
+
+    def local(stack: TrainState, x: Float[Array, "B D"]):
+        # This device's members (whole dictionaries); "data" stays automatic in here.
+        return loop(stack, x, jax.lax.axis_index(axis) * n_local)
+
+    def step(stack: TrainState, x: Float[Array, "B D"]):
+        spec = PartitionSpec(axis)
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=(spec, spec),
+                             axis_names={axis}, check_vma=False)(stack, x)
 
     return step
 
@@ -213,7 +298,7 @@ def make_group_step(group: Group, mesh: Mesh):
         fn = group_step_fn(group, anneal, sparse, mesh)
         names = jax.eval_shape(fn, abstract_stack(group, mesh),
                                jax.ShapeDtypeStruct((8, config.d_in), jnp.float32))[1].keys()
-        m_sh = {k: _stack_sharding(v) for k, v in metric_shardings(mesh, names).items()}
+        m_sh = {k: _stack_sharding(v, _layout_axis(group, mesh)) for k, v in metric_shardings(mesh, names).items()}
         return jax.jit(fn, in_shardings=(s_sh, b_sh), out_shardings=(s_sh, m_sh), donate_argnums=0)
 
     jitted = build(False)
@@ -270,20 +355,47 @@ def available_bytes(mesh: Mesh) -> tuple[int, str]:
     return phys // n_local, f"host memory / {n_local} local devices"
 
 
+def member_mesh(group: Group, mesh: Mesh) -> Mesh:
+    """The mesh one member's step sees: ``mesh`` ("features"), or its first column along the
+    member axis ("members": the member's dictionary whole, the batch split as before)."""
+    axis = _layout_axis(group, mesh)
+    if axis is None:
+        return mesh
+    devices = np.take(mesh.devices, [0], axis=mesh.axis_names.index(axis))
+    return Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
+
+
 def estimate_sweep_memory(groups: Sequence[Group], mesh: Mesh, batch_size: int) -> dict[str, int]:
     """Bytes per device: the stacked states (``jax.eval_shape``), the per-feature firing
     counts, and the largest single member's step working set (the loop runs one member at a
-    time; :func:`saejax.sae.memory.estimate_memory` without the state it already counted)."""
+    time; :func:`saejax.sae.memory.estimate_memory` without the state it already counted;
+    in the "members" layout with the member's dictionary whole)."""
     states = sum(_device_bytes(abstract_stack(g, mesh)) for g in groups)
     counts = sum(_device_bytes(jax.ShapeDtypeStruct(
-        (g.size, g.config.n_features), jnp.int32,
-        sharding=_stack_sharding(named_sharding(mesh, ("latent",))))) for g in groups)
+        (g.size, g.config.n_features), jnp.int32, sharding=counts_sharding(g, mesh))) for g in groups)
     working = 0
     for g in groups:
-        one = memory.estimate_memory(g.config, mesh, batch_size)
+        one = memory.estimate_memory(g.config, member_mesh(g, mesh), batch_size)
         working = max(working, one["update_copy"] + one["batch"] + one["activations"])
     return {"states": states, "counts": counts, "step_working_set": working,
             "total": states + counts + working}
+
+
+def layout_groups(groups: Sequence[Group], mesh: Mesh, requested: str, batch_size: int,
+                  limit: int = 0) -> list[Group]:
+    """The groups with their layouts for ``SweepConfig.member_sharding`` = ``requested``
+    (:func:`choose_layout`); "auto" keeps "features" everywhere when the "members" layout's
+    estimate would not fit in memory (``limit`` as in :func:`check_sweep_memory`).
+
+    Raises:
+      ConfigError: as :func:`choose_layout`.
+    """
+    chosen = [dataclasses.replace(g, layout=choose_layout(g, mesh, requested)) for g in groups]
+    if requested == "auto" and any(g.layout == "members" for g in chosen):
+        avail = limit or available_bytes(mesh)[0]
+        if estimate_sweep_memory(chosen, mesh, batch_size)["total"] > avail:
+            return [dataclasses.replace(g, layout="features") for g in groups]
+    return chosen
 
 
 def check_sweep_memory(groups: Sequence[Group], mesh: Mesh, batch_size: int,
