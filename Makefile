@@ -36,8 +36,11 @@ venv: $(STAMP)
 demo: $(BASE)
 	$(PY) launch/demo.py --runs=$(RUNS)
 
+# Two pytest-xdist workers (a file's tests stay on one worker, so module fixtures are
+# built once); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 # The slow tests; the dashboard test in headless Chromium skips unless `make browsers`
 # has installed chromium and chromedriver.

@@ -2,11 +2,26 @@
 
 Every sharded code path runs on a real 8-device mesh in CI; tests compare sharded
 results with single-device results.
+
+Compiled programs go to a persistent compilation cache that lives for one test session
+(a fresh directory, removed at exit; ``JAX_COMPILATION_CACHE_DIR`` set beforehand is
+used as it is): many tests compile the same programs, and the launchers' subprocesses
+and pytest-xdist's workers (``make test`` runs two) inherit the directory. It caches
+compiled XLA programs, never results.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="saejax-test-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()

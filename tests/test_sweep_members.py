@@ -80,7 +80,9 @@ def test_members_layout_equals_each_member_alone_on_the_data_mesh(case, shape, d
 
     data_mesh = mesh_of(devices, d, 1)
     get = sw.member_getter(group, mesh)
-    for i, c in enumerate(group.configs):
+    # Members 1 and 3: on devices other than the first, and (M = 2) second on their device;
+    # all four are compared with the other layout below.
+    for i, c in [(i, group.configs[i]) for i in (1, 3)]:
         alone, single = init_state(c, data_mesh, xs[0]), make_train_step(c, data_mesh)
         for t in range(12):
             alone, m1 = single(alone, jnp.asarray(xs[t]), step=t)
@@ -151,22 +153,22 @@ TWO_GROUPS = [dict(name="relu_a", sae=dict(l1_coefficient=1e-3)),
 
 
 def test_a_sweep_split_by_members_resumes_exactly_and_restores_each_member(tiny_lm_dir, tmp_path):
-    """A 4-member sweep (two groups of 2) on a 4 x 2 mesh with resampling at 10 and 20:
+    """A 4-member sweep (two groups of 2) on a 4 x 2 mesh, 20 steps with resampling at 10:
     stopped at 15 and resumed, it equals the uninterrupted sweep bit for bit; it equals the
     features layout to float rounding; each member restores on its own from its checkpoint."""
-    over = {"mesh.data": 4, "mesh.model": 2}
+    over = {"mesh.data": 4, "mesh.model": 2, "num_steps": 20, "sae.resample_steps": (10,)}
     full = train_sweep(sweep_config(tiny_lm_dir, tmp_path / "full", TWO_GROUPS, member_sharding="members", **over))
     work = tmp_path / "stopped"
     assert train_sweep(sweep_config(tiny_lm_dir, work, TWO_GROUPS, member_sharding="members", **over),
                        stop_at=15)["step"] == 15
     again = train_sweep(sweep_config(tiny_lm_dir, work, TWO_GROUPS, member_sharding="members", **over))
-    assert again["step"] == 30
+    assert again["step"] == 20
     sliced = train_sweep(sweep_config(tiny_lm_dir, tmp_path / "sliced", TWO_GROUPS,
                                       member_sharding="features", **over))
     for m in TWO_GROUPS:
         name = m["name"]
         assert_trees_equal(again["bundles"][name].params, full["bundles"][name].params, name)
-        assert [r["step"] for r in full["members"][name]["resamples"]] == [10, 20]
+        assert [r["step"] for r in full["members"][name]["resamples"]] == [10]
         assert [r["n_dead"] for r in full["members"][name]["resamples"]] == \
             [r["n_dead"] for r in sliced["members"][name]["resamples"]]
         for a, b in zip(jax.tree.leaves(host(full["bundles"][name].params)),
