@@ -25,9 +25,7 @@ interval, W window tokens, H histogram bins, M reservoir samples.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,12 +37,10 @@ from absl import logging
 from saejax import parallel
 from saejax.analysis import ablation, logits, neighbours
 from saejax.analysis.feature_passes import PassState, Ticker, run_pass, use_sparse
+from saejax.analysis.stats_file import STATS_FORMAT, load_stats, save_stats  # noqa: F401 - re-exported
 from saejax.config import ConfigError, MeshConfig, check, check_fraction, check_nonnegative, check_positive
 from saejax.lm.model import lm_module, split_lm
 from saejax.sae.bundle import SAEBundle
-
-STATS_FORMAT = 2
-
 
 _FORMS = {"auto": None, "sparse": True, "dense": False}   # FeatureStatsConfig.pass_form
 
@@ -446,20 +442,3 @@ def _assemble(sae: SAEBundle, s: PassState, density: np.ndarray, config: Feature
         "vocab": vocab,
         "features": feats,
     }
-
-
-def save_stats(stats: dict[str, Any], path: str) -> None:
-    """Writes ``stats`` as strict JSON (no NaN) atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats, f, allow_nan=False, separators=(",", ":"))
-    os.replace(tmp, path)
-
-
-def load_stats(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        stats = json.load(f)
-    if stats.get("format") != STATS_FORMAT:
-        raise ValueError(f"{path!r}: unsupported feature-stats format {stats.get('format')!r}")
-    return stats
