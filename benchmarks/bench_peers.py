@@ -14,6 +14,11 @@ the CPU. Two architectures:
   ``step_kernel="dense"``; sparsify's ``SparseCoder``; SAELens' ``TopKTrainingSAE``.
 - ReLU + L1: saejax ``architecture="relu"``; SAELens' ``StandardTrainingSAE``. sparsify has
   no ReLU + L1 SAE.
+- With ``--archs`` (not by default): BatchTopK (k = 32 on average) and Matryoshka on
+  BatchTopK (saejax's default groups F/16, F/16, F/8, F/4, F/2, as SAELens' prefix widths
+  F/16, F/8, F/4, F/2, F): saejax with ``step_kernel="auto"`` (saejax/sae/sparse_batch.py
+  where the cost model picks it) and ``"dense"``; SAELens' ``BatchTopKTrainingSAE`` and
+  ``MatryoshkaBatchTopKTrainingSAE``. sparsify has neither.
 
 Each framework runs in its own subprocess (threads and allocators of one do not disturb
 another), in rounds that rotate the order; a jax process measures the f32 matmul peak at the
@@ -66,9 +71,10 @@ import time
 
 TAG = "PEERS_JSON "
 FRAMEWORKS = ("saejax", "saejax-dense", "sparsify", "saelens")
-ARCHS = ("topk", "relu")
-SUPPORTS = {"saejax": ("topk", "relu"), "saejax-dense": ("topk",), "sparsify": ("topk",),
-            "saelens": ("topk", "relu")}
+ARCHS = ("topk", "relu", "batchtopk", "matryoshka")
+SUPPORTS = {"saejax": ARCHS, "saejax-dense": ("topk", "batchtopk", "matryoshka"), "sparsify": ("topk",),
+            "saelens": ARCHS}
+K_ARCHS = ("topk", "batchtopk", "matryoshka")  # k active features (per input or on average)
 LABEL = {"saejax": "saejax", "saejax-dense": "saejax (dense kernel)", "sparsify": "sparsify",
          "saelens": "SAELens"}
 
@@ -79,7 +85,7 @@ def _parse(argv=None):
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", type=int, default=32, help="TopK's active features per input")
-    p.add_argument("--archs", type=str, default=",".join(ARCHS), help="topk, relu")
+    p.add_argument("--archs", type=str, default="topk,relu", help=", ".join(ARCHS))
     p.add_argument("--frameworks", type=str, default=",".join(FRAMEWORKS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (jax compiles in the first)")
@@ -172,7 +178,7 @@ def _child_saejax(args, kernel: str) -> None:
     name = "saejax" if kernel == "auto" else "saejax-dense"
     for arch in _archs(args, name):
         for f in _features(args):
-            extra = dict(k=args.k, aux_k=args.d_in // 2) if arch == "topk" else {}
+            extra = dict(k=args.k, aux_k=args.d_in // 2) if arch in K_ARCHS else {}
             cfg = SAEConfig(d_in=args.d_in, n_features=f, architecture=arch, precision="f32",
                             step_kernel=kernel, **extra)
             state = init_state(cfg, mesh, x[:1024])
@@ -263,8 +269,9 @@ def _child_sparsify(args) -> None:
 def _child_saelens(args) -> None:
     torch, threads = _torch(args)
     import sae_lens
-    from sae_lens import (StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
-                          TopKTrainingSAEConfig)
+    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAE,
+                          MatryoshkaBatchTopKTrainingSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig,
+                          TopKTrainingSAE, TopKTrainingSAEConfig)
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -275,6 +282,14 @@ def _child_saelens(args) -> None:
             if arch == "topk":
                 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_in, d_sae=f, k=args.k,
                                                             dtype="float32", device="cpu"))
+            elif arch == "batchtopk":
+                sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=args.d_in, d_sae=f, k=args.k,
+                                                                      dtype="float32", device="cpu"))
+            elif arch == "matryoshka":
+                # saejax's default groups [F/16, F/16, F/8, F/4, F/2] as SAELens' prefix widths.
+                widths = [f // 16, f // 8, f // 4, f // 2, f]
+                sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+                    d_in=args.d_in, d_sae=f, k=args.k, matryoshka_widths=widths, dtype="float32", device="cpu"))
             else:
                 sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=args.d_in, d_sae=f,
                                                                     l1_coefficient=args.l1,
@@ -293,7 +308,8 @@ def _child_saelens(args) -> None:
                 return out
 
             times = _time_steps(run, lambda _: None, args)
-            kind = "TopKTrainingSAE" if arch == "topk" else f"StandardTrainingSAE, l1 {args.l1}"
+            kind = {"topk": "TopKTrainingSAE", "batchtopk": "BatchTopKTrainingSAE",
+                    "matryoshka": "MatryoshkaBatchTopKTrainingSAE"}.get(arch, f"StandardTrainingSAE, l1 {args.l1}")
             _emit(_row(args, "saelens", arch, f, times, kernel=kind,
                        versions=dict(torch=torch.__version__, sae_lens=sae_lens.__version__),
                        threads=threads, dead=int(trainer.dead_neurons.sum())))
@@ -308,7 +324,7 @@ def _row(args, framework, arch, f, times, **extra) -> dict:
     import numpy as np
 
     return dict(kind="step", framework=framework, arch=arch, round=args.round, d_in=args.d_in,
-                features=f, batch=args.batch, k=args.k if arch == "topk" else None, steps=len(times),
+                features=f, batch=args.batch, k=args.k if arch in K_ARCHS else None, steps=len(times),
                 median_s=float(np.median(times)), min_s=float(min(times)), times_s=[float(t) for t in times],
                 **extra)
 

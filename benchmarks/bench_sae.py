@@ -93,7 +93,7 @@ def _child(args) -> list[dict]:
         for prec, arch, (data, model), kern in [(p_, a_, m_, k_) for p_ in args.precisions.split(",")
                                                 for a_ in args.architectures.split(",") for m_ in meshes
                                                 for k_ in args.kernels.split(",")]:
-            if kern == "sparse" and (arch != "topk" or model > 1):
+            if kern == "sparse" and (arch not in ("topk", "batchtopk", "matryoshka") or model > 1):
                 continue
             from saejax.sae.sparse import use_sparse
 
@@ -108,12 +108,14 @@ def _child(args) -> list[dict]:
             jax.block_until_ready(state)
             # Interleave step and step-shaped matmul timings: on a shared machine the
             # paired ratio is robust to load that comes and goes.
-            times, mm_times, start = [], [], time.perf_counter()
+            times, mm_times, paths, start = [], [], [], time.perf_counter()
             while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds or len(times) < 3):
                 t = time.perf_counter()
                 state, m = step(state, x)
                 jax.block_until_ready(state)
                 times.append(time.perf_counter() - t)
+                if "threshold_path" in m:  # BatchTopK: 0 candidates, 1 dense rows, 2 whole batch
+                    paths.append(float(m["threshold_path"]))
                 t = time.perf_counter()
                 jax.block_until_ready(dot(xa, wb))
                 mm_times.append(time.perf_counter() - t)
@@ -123,7 +125,8 @@ def _child(args) -> list[dict]:
             peaks[key] = max(peaks.get(key, 0.0), 2 * b * d * f / min(mm_times))
             paired = float(np.median(5 * np.asarray(mm_times) / np.asarray(times)))
             rows.append(dict(devices=n, mesh=f"{data}x{model}", d=d, f=f, precision=prec, batch=b, architecture=arch,
-                             kernel=("sparse" if use_sparse(cfg, mesh) else "dense") + f" ({kern})",
+                             kernel=("sparse" if use_sparse(cfg, mesh) else "dense") + f" ({kern})"
+                             + (f", threshold path {np.mean(paths):.1f}" if paths else ""),
                              reps=len(times), best_s=t, median_s=float(np.median(times)),
                              tokens_per_s=b / t, flops=5 * 2 * b * d * f / t, paired=paired))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

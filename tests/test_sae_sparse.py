@@ -130,8 +130,10 @@ def test_the_cost_model_and_the_override():
     # k annealing starts at the larger k, which decides.
     assert not sparse.use_sparse(dataclasses.replace(topk, k_anneal_start=256, k_anneal_fraction=0.1,
                                                      total_steps=100), backend="cpu")
-    assert not sparse.use_sparse(SAEConfig(d_in=512, n_features=65536, architecture="batchtopk", k=32),
-                                 backend="cpu")
+    # BatchTopK and Matryoshka have their sparse step (tests/test_sae_sparse_batch.py).
+    assert sparse.use_sparse(SAEConfig(d_in=512, n_features=65536, architecture="batchtopk", k=32),
+                             backend="cpu")
+    assert not sparse.use_sparse(SAEConfig(d_in=512, n_features=65536, architecture="jumprelu"), backend="cpu")
 
 
 def test_refusals_are_one_line():

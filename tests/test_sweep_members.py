@@ -29,6 +29,9 @@ CASES = {
     # The sparse kernel's own shard_map over "data", inside the step's over "model".
     "topk_sparse": (dict(architecture="topk", aux_k=8, step_kernel="sparse"),
                     [dict(k=4), dict(k=8, seed=2), dict(k=6, aux_coefficient=0.1), dict(k=4, seed=3)]),
+    # The sparse BatchTopK kernel, nested the same way; its threshold's counts cross "data".
+    "batchtopk_sparse": (dict(architecture="batchtopk", aux_k=8, step_kernel="sparse"),
+                         [dict(k=4), dict(k=8, seed=2), dict(k=4, seed=1), dict(k=6, seed=3)]),
     # The threshold is over the global batch, which "data" splits.
     "batchtopk": (dict(aux_k=8), [dict(k=4), dict(k=8, seed=2), dict(k=4, seed=1), dict(k=6, seed=3)]),
     "jumprelu": (dict(), [dict(l0_coefficient=1e-2), dict(l0_coefficient=3e-2, lr=3e-3),
@@ -52,7 +55,7 @@ def group_of(case: str, layout: str = "members") -> sw.Group:
 
 @pytest.mark.parametrize("case, shape", [
     ("relu", (2, 4)), ("topk", (2, 4)), ("topk_sparse", (2, 4)), ("batchtopk", (2, 4)),
-    ("jumprelu", (2, 4)), ("topk_sparse", (4, 2)),
+    ("jumprelu", (2, 4)), ("topk_sparse", (4, 2)), ("batchtopk_sparse", (2, 4)),
     pytest.param("relu", (4, 2), marks=pytest.mark.slow),
     pytest.param("batchtopk", (4, 2), marks=pytest.mark.slow),
     pytest.param("topk", (1, 4), marks=pytest.mark.slow),
@@ -68,10 +71,16 @@ def test_members_layout_equals_each_member_alone_on_the_data_mesh(case, shape, d
     group = group_of(case)
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((12, 256, 16)).astype(np.float32) * 2
+    if case == "batchtopk_sparse":  # rows of one norm: most batches need no dense fallback
+        xs *= 4 / np.linalg.norm(xs, axis=-1, keepdims=True)
     stack = sw.init_stack(group, mesh, xs[0])
     step = sw.make_group_step(group, mesh)
+    paths = []
     for t in range(12):
         stack, metrics = step(stack, jnp.asarray(xs[t]), step=t)
+        paths.append(np.asarray(metrics.get("threshold_path", 0)))
+    if case == "batchtopk_sparse":
+        assert np.min(paths) < 2  # the kernel's own path ran, not only the dense fallback
     w = stack.params.W_enc
     assert w.sharding.spec == PartitionSpec("model", None, None)
     assert w.addressable_shards[0].data.shape == (group.size // m, *w.shape[1:])
@@ -86,7 +95,7 @@ def test_members_layout_equals_each_member_alone_on_the_data_mesh(case, shape, d
         alone, single = init_state(c, data_mesh, xs[0]), make_train_step(c, data_mesh)
         for t in range(12):
             alone, m1 = single(alone, jnp.asarray(xs[t]), step=t)
-        if case == "topk_sparse":
+        if case.endswith("_sparse"):
             # The sparse kernel's shard_map nests inside the step's here: another program,
             # which rounds a few weights by 1 ulp (measured: 4 of 1,024 after 12 steps);
             # which features fire is still the same, bit for bit, below.

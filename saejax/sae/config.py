@@ -81,9 +81,10 @@ class SAEConfig:
       lr, adam_b1, adam_b2, adam_eps: Adam (the paper gives no learning rate).
       precision: "f32", or "bf16" = bf16 matmul inputs with f32 accumulation; parameters,
         optimiser state and all elementwise maths stay f32 in both modes.
-      step_kernel: "dense" (five B x D x F matmuls), "sparse" (TopK: after the encoder
-        matmul and top-k, decode and gradients on the k active features only,
-        saejax/sae/sparse.py) or "auto" (sparse when the cost model says it is faster).
+      step_kernel: "dense" (five B x D x F matmuls), "sparse" (TopK, BatchTopK, Matryoshka:
+        after the encoder matmul and top-k, decode and gradients on the active features
+        only, saejax/sae/sparse.py and sparse_batch.py) or "auto" (sparse when the cost
+        model says it is faster).
       resample_steps: steps at which dead features are resampled (the paper: 25k/50k/75k/100k).
       dead_window: a feature is dead if it fired on no input in the last ``dead_window``
         steps (the paper: 12,500).

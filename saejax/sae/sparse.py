@@ -37,8 +37,9 @@ the gradients over "data". What crosses "model" per step is [B, M k] candidates 
 members are spread over "model", :mod:`saejax.sae.sweep_step`), those axes hold whole
 dictionaries: the kernel splits only over the axes still automatic.
 
-:func:`use_sparse` is the cost model that picks this path for ``SAEConfig.step_kernel =
-"auto"``.
+BatchTopK and Matryoshka run on the same pieces with 2 k candidates per row and a few rows
+taken whole (:mod:`saejax.sae.sparse_batch`). :func:`use_sparse` is the cost model that
+picks the sparse step for ``SAEConfig.step_kernel = "auto"``.
 
 Legend: B batch, D input width, F features, k active features per input.
 """
@@ -66,14 +67,14 @@ DOTS_CHUNK = 16
 # RESULTS.md); on GPU and TPU a guess to be measured (the dense matmuls are much faster
 # there relative to gathers).
 RATIO = {"cpu": 32, "gpu": 128, "tpu": 256}
-SPARSE_ARCHITECTURES = ("topk",)
+SPARSE_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
 
 
 def supports(config, mesh: Mesh | None = None) -> str | None:
     """None if the sparse step can run ``config`` on ``mesh``, else why not (one line)."""
     if config.architecture not in SPARSE_ARCHITECTURES:
         return (f"architecture {config.architecture!r} has no sparse step (only "
-                f"{', '.join(SPARSE_ARCHITECTURES)}: a fixed k per input)")
+                f"{', '.join(SPARSE_ARCHITECTURES)}: k active features per input or per batch)")
     del mesh  # every data x model mesh runs it
     return None
 
@@ -88,6 +89,12 @@ def use_sparse(config, mesh: Mesh | None = None, backend: str | None = None) -> 
         return False
     backend = backend or jax.default_backend()
     k = max(config.k, config.k_anneal_start or 0)
+    if config.architecture in ("batchtopk", "matryoshka"):
+        k = 2 * k  # their kernel works on 2 k candidates per row
+    if config.architecture == "matryoshka":
+        # and decodes them once per group (measured on XLA:CPU, k 32, 5 groups: 0.8x the
+        # dense step at F 4,096, 1.0x at 16,384, 2.8x at 65,536; benchmarks/RESULTS.md).
+        k = k * len(config.groups())
     return config.n_features >= RATIO.get(backend, RATIO["gpu"]) * k
 
 
@@ -191,12 +198,12 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
     return a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat
 
 
-def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Mesh | None):
-    """(a [B, k], idx [B, k], err, x_hat, sum of squared errors, dW_dec, dW_enc, db_enc via
-    pre, sum of d_xhat): the sparse forward and backward of the reconstruction."""
-    b = x.shape[0]
+def kernel_axes(mesh: Mesh | None):
+    """None (run the kernel on the whole arrays), or (mesh, data axis, latent axis, extra
+    shard_map arguments): the axes of ``mesh`` the kernel's ``shard_map`` splits (those an
+    enclosing ``shard_map`` owns hold whole dictionaries and are left out)."""
     if mesh is None or mesh.size == 1:
-        return _local(params, x, k, k_max, precision, b, None)
+        return None
     manual = set(jax.sharding.get_abstract_mesh().manual_axes)  # axes an enclosing shard_map owns
     data = parallel.logical_to_spec(("batch",))[0]
     latent = parallel.logical_to_spec(("latent",))[0]
@@ -204,35 +211,50 @@ def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Me
     latent = latent if latent is not None and latent not in manual and mesh.shape[latent] > 1 else None
     if manual:
         if data is None and latent is None:
-            return _local(params, x, k, k_max, precision, b, None)
+            return None
         mesh = jax.sharding.get_abstract_mesh()
-    rows, rep = PartitionSpec(data, None), PartitionSpec()
+    free = {"axis_names": set(mesh.axis_names) - manual} if manual else {}
+    return mesh, data, latent, free
+
+
+def param_specs(params, latent: str | None):
+    """The kernel's in_specs for ``params``: per-feature arrays split over ``latent``."""
     per_feature = lambda v: v.ndim >= 1 and v.shape[0] == params.W_enc.shape[0]  # noqa: E731
-    param_specs = jax.tree.map(lambda v: PartitionSpec(latent) if per_feature(v) else rep, params)
-    param_specs = param_specs.replace(b_dec=rep)  # [D], even where D equals F
+    specs = jax.tree.map(lambda v: PartitionSpec(latent) if per_feature(v) else PartitionSpec(), params)
+    return specs.replace(b_dec=PartitionSpec())  # [D], even where D equals F
+
+
+def core(params, x: Float[Array, "B D"], k, k_max: int, precision: str, mesh: Mesh | None):
+    """(a [B, k], idx [B, k], err, x_hat, sum of squared errors, dW_dec, dW_enc, db_enc via
+    pre, sum of d_xhat): the sparse forward and backward of the reconstruction."""
+    b = x.shape[0]
+    axes = kernel_axes(mesh)
+    if axes is None:
+        return _local(params, x, k, k_max, precision, b, None)
+    kmesh, data, latent, free = axes
+    rows, rep = PartitionSpec(data, None), PartitionSpec()
     static_k = isinstance(k, int)
 
     def local(p, xx, *kk):
         return _local(p, xx, k if static_k else kk[0], k_max, precision, b, data, latent)
 
     args = (params, x) if static_k else (params, x, jnp.asarray(k, jnp.int32))
-    in_specs = (param_specs, rows) + (() if static_k else (rep,))
+    in_specs = (param_specs(params, latent), rows) + (() if static_k else (rep,))
     sliced = PartitionSpec(latent)
     out_specs = (rows, rows, rows, rows, rep, sliced, sliced, sliced, rep)
-    free = {"axis_names": set(mesh.axis_names) - manual} if manual else {}
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+    return jax.shard_map(local, mesh=kmesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False, **free)(*args)
 
 
-def forward_backward(params, x: Float[Array, "B D"], config, stale: Int[Array, " F"] | None, ctx, mesh):
-    """:func:`saejax.sae.model.forward_backward` for TopK on the k active features: the
-    reconstruction through :func:`core`, AuxK on the dense path's terms, a ``Forward`` whose
-    features are ``active`` = (values, indices) [B, k]."""
+def finish(params, x: Float[Array, "B D"], config, stale: Int[Array, " F"] | None, err, x_hat, sq,
+           g_wdec, g_wenc, rows, sum_dxhat, recon=None, **fields):
+    """The ``Forward`` of a sparse kernel's reconstruction terms: AuxK on the dense path's
+    terms (while some feature is dead), b_dec's gradient, zero gradients for the extras.
+    ``recon``: the reconstruction loss when it is not the MSE ``sq / (B D)`` (Matryoshka)."""
     from saejax.sae.model import Forward, SAEParams  # model imports this module
     b, d = x.shape
-    a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat = core(
-        params, x, ctx.k, ctx.k_max, config.precision, mesh)
-    recon = sq / (b * d)
+    mse = sq / (b * d)
+    recon = mse if recon is None else recon
     aux_loss = jnp.zeros((), jnp.float32)
     if config.aux_k > 0 and stale is not None:
         args = (params, x - params.b_dec, -err, stale)
@@ -246,5 +268,19 @@ def forward_backward(params, x: Float[Array, "B D"], config, stale: Int[Array, "
     grads = SAEParams(W_enc=g_wenc, b_enc=rows, W_dec=g_wdec, b_dec=g_bdec,
                       extra={name: jnp.zeros_like(v) for name, v in params.extra.items()})
     zero = jnp.zeros((), jnp.float32)
-    return Forward(loss=recon + aux_loss, mse=recon, penalty=zero, aux_loss=aux_loss, f=None,
-                   x_hat=x_hat, grads=grads, stats={}, active=(a, idx))
+    fields = {"stats": {}, **fields}
+    return Forward(loss=recon + aux_loss, mse=mse, penalty=zero, aux_loss=aux_loss, f=None,
+                   x_hat=x_hat, grads=grads, **fields)
+
+
+def forward_backward(params, x: Float[Array, "B D"], config, stale: Int[Array, " F"] | None, ctx, mesh):
+    """:func:`saejax.sae.model.forward_backward` on the k active features: for TopK the
+    reconstruction through :func:`core` and a ``Forward`` whose features are ``active`` =
+    (values, indices) [B, k]; BatchTopK in :mod:`saejax.sae.sparse_batch`."""
+    if config.architecture in ("batchtopk", "matryoshka"):
+        from saejax.sae import sparse_batch  # it builds on this module
+
+        return sparse_batch.forward_backward(params, x, config, stale, ctx, mesh)
+    a, idx, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat = core(
+        params, x, ctx.k, ctx.k_max, config.precision, mesh)
+    return finish(params, x, config, stale, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat, active=(a, idx))

@@ -176,7 +176,8 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
 
     ``anneal``: the program for the steps while k is annealed (:mod:`saejax.sae.schedule`).
     ``k_max``: the static bound of a traced ``config.k`` (sweeps, :mod:`saejax.sae.sweep_step`).
-    ``sparse``: the sparse TopK kernel (:mod:`saejax.sae.sparse`); None: its cost model.
+    ``sparse``: the sparse kernel (:mod:`saejax.sae.sparse`; BatchTopK and Matryoshka:
+    :mod:`saejax.sae.sparse_batch`); None: its cost model.
     ``mesh``: the mesh the step runs on (the sparse kernel's ``shard_map``).
     """
     arch = registry.get_architecture(config.architecture)
@@ -209,14 +210,12 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
             new_params = new_params.replace(extra={**new_params.extra,
                                                    **arch.update_buffers(params.extra, out.stats, ctx)})
 
-        # Inputs on which each feature fired (f != 0; features are non-negative, so f > 0).
-        # sum(|sign(f)|) in f32 (exact below 2^24 rows) is one fused read of f on XLA:CPU;
-        # sum(f > 0) first wrote a [B, F] f32 mask (19 vs 6 ms at B = F = 4,096). A NaN
-        # feature (a non-finite batch, which the step refuses anyway) counts as silent.
-        if out.active is None:
-            counts = jnp.sum(jnp.abs(jnp.sign(out.f)), axis=0)
-            counts = jnp.where(jnp.isnan(counts), 0.0, counts).astype(jnp.int32)
-        else:  # the sparse step: (values, indices) [B, k]
+        # Inputs on which each feature fired.
+        if out.counts is not None:  # the sparse BatchTopK step's
+            counts = out.counts
+        elif out.active is None:
+            counts = model.firing_counts(out.f)
+        else:  # the sparse TopK step: (values, indices) [B, k]
             a, idx = out.active
             counts = jnp.zeros((config.n_features,), jnp.int32).at[idx.reshape(-1)].add(
                 (a > 0).reshape(-1).astype(jnp.int32))
@@ -234,8 +233,11 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         total_var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
         b = x.shape[0]
         dead = model.dead_mask(step_next - new_state.last_fired, config)
-        l1_rows = jnp.sum(jnp.abs(out.f if out.active is None else out.active[0]), axis=-1)
-        if model.cpu_layout() and out.active is None:
+        if out.l1_rows is not None:
+            l1_rows = out.l1_rows
+        else:
+            l1_rows = jnp.sum(jnp.abs(out.f if out.active is None else out.active[0]), axis=-1)
+        if model.cpu_layout() and out.f is not None:
             # Same per-input sums as the ReLU penalty's; on XLA:CPU the barrier stops XLA
             # from merging them into one [B, F] reduction, so both share one pass over f.
             l1_rows = jax.lax.optimization_barrier(l1_rows)
