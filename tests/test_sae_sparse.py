@@ -96,6 +96,20 @@ def test_sparse_steps_equal_dense_steps_on_one_device(shape, devices):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def group_and_solo_states(configs, mesh, xs):
+    """(each member's state after a sweep group's steps on ``xs``, its own run's state)."""
+    (group,) = sw.make_groups([f"m{i}" for i in range(len(configs))], configs)
+    stack, gstep = sw.init_stack(group, mesh, xs[0]), sw.make_group_step(group, mesh)
+    for x in xs:
+        stack, _ = gstep(stack, jnp.asarray(x))
+    get = sw.member_getter(group, mesh)
+    for i, c in enumerate(configs):
+        alone, step = init_state(c, mesh, xs[0]), make_train_step(c, mesh)
+        for x in xs:
+            alone, _ = step(alone, jnp.asarray(x))
+        yield get(stack, i), alone
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (8, 1)])
 def test_a_sweep_group_runs_the_sparse_step_member_for_member(shape, devices):
     """Bit for bit on one device; data-parallel (the kernel's shard_map inside the group's
@@ -105,16 +119,8 @@ def test_a_sweep_group_runs_the_sparse_step_member_for_member(shape, devices):
     xs = rng.standard_normal((6, 256, 32)).astype(np.float32)
     base = SAEConfig(d_in=32, n_features=256, architecture="topk", k=4, step_kernel="sparse")
     configs = [base, dataclasses.replace(base, k=8, lr=3e-3, seed=1)]
-    (group,) = sw.make_groups(["a", "b"], configs)
-    stack, gstep = sw.init_stack(group, mesh, xs[0]), sw.make_group_step(group, mesh)
-    for t in range(6):
-        stack, _ = gstep(stack, jnp.asarray(xs[t]))
-    get = sw.member_getter(group, mesh)
-    for i, c in enumerate(configs):
-        alone, step = init_state(c, mesh, xs[0]), make_train_step(c, mesh)
-        for t in range(6):
-            alone, _ = step(alone, jnp.asarray(xs[t]))
-        for a, b in zip(jax.tree.leaves(get(stack, i)), jax.tree.leaves(alone), strict=True):
+    for member, alone in group_and_solo_states(configs, mesh, xs):
+        for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(alone), strict=True):
             if shape == (1, 1):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
             else:

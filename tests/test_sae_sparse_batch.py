@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from saejax.sae import model, sparse, sparse_batch
-from saejax.sae import sweep_step as sw
 from saejax.sae.config import SAEConfig
 from saejax.sae.gradcheck import check_backward
 from saejax.sae.step import init_state, make_train_step
+from test_sae_sparse import group_and_solo_states
 
 
 def mesh_of(devices, d, m):
@@ -154,16 +154,8 @@ def test_a_sweep_group_runs_the_sparse_step_member_for_member(arch, shape, devic
     xs = np.stack([inputs(seed=t, b=256, loud=2) for t in range(6)])
     base = SAEConfig(d_in=32, n_features=512, architecture=arch, k=4, step_kernel="sparse")
     configs = [base, dataclasses.replace(base, k=8, lr=3e-3, seed=1)]
-    (group,) = sw.make_groups(["a", "b"], configs)
-    stack, gstep = sw.init_stack(group, mesh, xs[0]), sw.make_group_step(group, mesh)
-    for t in range(6):
-        stack, _ = gstep(stack, jnp.asarray(xs[t]))
-    get = sw.member_getter(group, mesh)
-    for i, c in enumerate(configs):
-        alone, step = init_state(c, mesh, xs[0]), make_train_step(c, mesh)
-        for t in range(6):
-            alone, _ = step(alone, jnp.asarray(xs[t]))
-        for a, b in zip(jax.tree.leaves(get(stack, i)), jax.tree.leaves(alone), strict=True):
+    for member, alone in group_and_solo_states(configs, mesh, xs):
+        for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(alone), strict=True):
             # The member of smaller k has 2 k_max candidates in the group, 2 k alone.
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 

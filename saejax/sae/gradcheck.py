@@ -42,7 +42,8 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6,
     # The sparse BatchTopK kernel runs only where its 2 k candidates per row leave features
     # out (F > 2 k), and takes the dense path when many rows keep more than 2 k: inputs of
     # nearly one direction keep the per-row counts even (its path is checked below).
-    d, f = 8, max(16, (4 if sparse else 2) * config.k)
+    batch_sparse = sparse and arch.batch_wide
+    d, f = 8, max(16, (4 if batch_sparse else 2) * config.k)
     # A penalty coefficient of 0 would leave the penalty's gradient unchecked for the
     # process (the check is cached per architecture): check with a live one. A wide
     # straight-through window makes the threshold gradients non-zero on this small problem.
@@ -54,7 +55,7 @@ def check_backward(config: SAEConfig, *, rtol: float = 1e-4, atol: float = 1e-6,
                               init_decoder_norm=1.0 if config.decoder == "unit" else 0.5)
     rng = np.random.RandomState(0)
     x = rng.randn(32, d).astype(np.float32) + 0.5
-    if sparse:
+    if batch_sparse:
         x = x[:1] + 0.05 * rng.randn(32, d).astype(np.float32)
     x = jnp.asarray(x)
     params = model.init_params(jax.random.PRNGKey(1), cfg, jnp.full((d,), 0.1, jnp.float32))

@@ -154,7 +154,8 @@ class Forward(NamedTuple):
     # The sparse TopK step's features as (values, indices) [B, k]; then ``f`` is None.
     active: tuple[Array, Array] | None = None
     # Per feature, the inputs it fired on, and per input the sum of its features (the
-    # sparse BatchTopK step's, whose ``f`` and ``active`` are None: :func:`without_features`).
+    # sparse BatchTopK / Matryoshka step's, whose ``f`` and ``active`` are None; the
+    # dense fallback's through :func:`without_features`).
     counts: Int[Array, " F"] | None = None
     l1_rows: Float[Array, " B"] | None = None
 

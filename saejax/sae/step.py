@@ -211,7 +211,7 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
                                                    **arch.update_buffers(params.extra, out.stats, ctx)})
 
         # Inputs on which each feature fired.
-        if out.counts is not None:  # the sparse BatchTopK step's
+        if out.counts is not None:  # the sparse BatchTopK / Matryoshka step's
             counts = out.counts
         elif out.active is None:
             counts = model.firing_counts(out.f)
