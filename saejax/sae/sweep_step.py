@@ -17,7 +17,8 @@ BatchTopK's rare whole-row and whole-batch threshold paths would run at every st
 every member. The loop keeps each member's step what it is alone and its working set one
 member's; the stacked state is updated in place (``dynamic_update_slice`` on the carry).
 
-The step kernel (dense, or TopK's sparse one, :mod:`saejax.sae.sparse`) is one per group:
+The step kernel (dense, or the sparse one of TopK, BatchTopK and Matryoshka,
+:mod:`saejax.sae.sparse`) is one per group:
 ``step_kernel = "auto"`` decides by the group's largest k, so a member whose own k would
 pick the other kernel alone equals its solo run to float rounding instead of bit for bit
 (set ``step_kernel`` explicitly to pin it).
