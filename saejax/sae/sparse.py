@@ -92,8 +92,8 @@ def use_sparse(config, mesh: Mesh | None = None, backend: str | None = None) -> 
     if config.architecture in ("batchtopk", "matryoshka"):
         k = 2 * k  # their kernel works on 2 k candidates per row
     if config.architecture == "matryoshka":
-        # and decodes them once per group (measured on XLA:CPU, k 32, 5 groups: 0.8x the
-        # dense step at F 4,096, 1.0x at 16,384, 2.8x at 65,536; benchmarks/RESULTS.md).
+        # and decodes them once per group (measured on XLA:CPU, k 32, 5 groups: 0.5x the
+        # dense step at F 4,096, 1.3x at 16,384, 3.4x at 65,536; benchmarks/RESULTS.md).
         k = k * len(config.groups())
     return config.n_features >= RATIO.get(backend, RATIO["gpu"]) * k
 

@@ -150,7 +150,7 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
     pos_min = jax.lax.pmin(pos_min, all_axes) if all_axes else pos_min
     kept_min = jnp.where(t > 0, t, pos_min)
     a_mine = a_s if mine is None else jnp.where(mine, a_s, 0.0)
-    a_s, a_mine, lidx, f_r = jax.lax.optimization_barrier((a_s, a_mine, lidx, f_r))
+    a_s, a_mine, lidx, gidx, f_r = jax.lax.optimization_barrier((a_s, a_mine, lidx, gidx, f_r))
     r16 = (lambda z: z.astype(jnp.bfloat16).astype(jnp.float32)) if precision == "bf16" else (lambda z: z)  # noqa: E731
     w_dec = r16(params.W_dec)
     n_groups = 1 if bounds is None else len(bounds)
@@ -186,8 +186,11 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
             """Group g's columns of the [r, F slice] array z."""
             return z[:, cols[g]] if in_group is None else jnp.where(in_group[g], z, 0.0)
 
+        # Group g's entries; the others point at row 0 with coefficient 0. Distinct indices
+        # per group keep XLA from sharing the k gathers between the G decodes (it did, and
+        # materialised each [b, D] gather: 5 decodes alone 636 ms vs 32 ms at F 16,384).
         parts = jnp.stack([
-            sp._gather_rows(w_dec, lidx, r16(jnp.where(grp == g, a_mine, 0.0))).at[ridx].add(
+            sp._gather_rows(w_dec, jnp.where(grp == g, lidx, 0), r16(jnp.where(grp == g, a_mine, 0.0))).at[ridx].add(
                 _mm(only(g, f_r), params.W_dec[cols[g]], precision))
             for g in range(n_groups)])                                                   # [G, b, D]
         if model_axis is not None:
