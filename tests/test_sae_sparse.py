@@ -51,9 +51,15 @@ def test_sparse_forward_backward_equals_the_dense_one(case):
     np.testing.assert_array_equal(np.asarray(f_sparse), np.asarray(dense.f))
     if case == "auxk":
         assert float(sp.aux_loss) > 0
-    # Float32 sums in another order (k gathered rows vs a matmul over F): differences at the
-    # scale of float32 rounding of the largest entries (with bf16 both round the same inputs).
-    tol = 1e-5
+    assert_forward_close(sp, dense)
+
+
+def assert_forward_close(sp, dense, tol=1e-5):
+    """Loss, its parts, x_hat and the gradients of a sparse and a dense forward_backward.
+
+    Float32 sums in another order (k gathered rows vs a matmul over F): differences at the
+    scale of float32 rounding of the largest entries (with bf16 both round the same inputs).
+    """
     for name in ("loss", "mse", "aux_loss", "x_hat"):
         want = np.asarray(getattr(dense, name))
         np.testing.assert_allclose(np.asarray(getattr(sp, name)), want, rtol=tol,

@@ -154,26 +154,10 @@ class Forward(NamedTuple):
     # The sparse TopK step's features as (values, indices) [B, k]; then ``f`` is None.
     active: tuple[Array, Array] | None = None
     # Per feature, the inputs it fired on, and per input the sum of its features (the
-    # sparse BatchTopK / Matryoshka step's, whose ``f`` and ``active`` are None; the
-    # dense fallback's through :func:`without_features`).
+    # sparse BatchTopK / Matryoshka step's, whose ``f`` and ``active`` are None; its dense
+    # fallback's too, :mod:`saejax.sae.sparse_batch`).
     counts: Int[Array, " F"] | None = None
     l1_rows: Float[Array, " B"] | None = None
-
-
-def firing_counts(f: Float[Array, "B F"]) -> Int[Array, " F"]:
-    """Inputs on which each feature fired (f != 0; features are non-negative, so f > 0).
-
-    sum(|sign(f)|) in f32 (exact below 2^24 rows) is one fused read of f on XLA:CPU;
-    sum(f > 0) first wrote a [B, F] f32 mask (19 vs 6 ms at B = F = 4,096). A NaN feature
-    (a non-finite batch, which the step refuses anyway) counts as silent.
-    """
-    counts = jnp.sum(jnp.abs(jnp.sign(f)), axis=0)
-    return jnp.where(jnp.isnan(counts), 0.0, counts).astype(jnp.int32)
-
-
-def without_features(out: Forward) -> Forward:
-    """``out`` with ``counts`` and ``l1_rows`` in place of ``f`` (the form of a sparse step)."""
-    return out._replace(f=None, counts=firing_counts(out.f), l1_rows=jnp.sum(jnp.abs(out.f), axis=-1))
 
 
 def _kaiming_uniform(key: Array, shape: tuple[int, int], fan_in: int) -> Float[Array, "M N"]:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
+from saejax.sae import dead
 from saejax.sae import sparse as sp
 from saejax.sae.matmul import mm as _mm
 
@@ -262,8 +263,9 @@ def forward_backward(params, x: Float[Array, "B D"], config, stale, ctx, mesh):
     from saejax.sae import model  # model imports this module's parent
 
     def dense():
+        # The dense step's Forward in this one's form: counts and per-row L1 in place of f.
         out = model.forward_backward(params, x, config, stale=stale, ctx=ctx, sparse=False, mesh=mesh)
-        return model.without_features(out)
+        return out._replace(f=None, counts=dead.firing_counts(out.f), l1_rows=jnp.sum(jnp.abs(out.f), axis=-1))
 
     if width(ctx.k_max) >= config.n_features:
         return dense()

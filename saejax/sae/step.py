@@ -28,6 +28,7 @@ from saejax.parallel import check_divisible, named_sharding, optimizer_shardings
 from saejax.sae import gradcheck, model, registry, schedule
 from saejax.sae import sparse as sparse_kernel
 from saejax.sae.config import SAEConfig
+from saejax.sae.dead import firing_counts
 from saejax.sae.geometric_median import geometric_median
 from saejax.sae.model import SAEParams
 
@@ -214,7 +215,7 @@ def train_step_fn(config: SAEConfig, opt: optax.GradientTransformation, anneal: 
         if out.counts is not None:  # the sparse BatchTopK / Matryoshka step's
             counts = out.counts
         elif out.active is None:
-            counts = model.firing_counts(out.f)
+            counts = firing_counts(out.f)
         else:  # the sparse TopK step: (values, indices) [B, k]
             a, idx = out.active
             counts = jnp.zeros((config.n_features,), jnp.int32).at[idx.reshape(-1)].add(
