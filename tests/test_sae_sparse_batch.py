@@ -142,10 +142,12 @@ def test_a_sweep_group_runs_the_sparse_step_member_for_member(arch, shape, devic
     xs = np.stack([inputs(seed=t, b=256, loud=2) for t in range(6)])
     base = SAEConfig(d_in=32, n_features=512, architecture=arch, k=4, step_kernel="sparse")
     configs = [base, dataclasses.replace(base, k=8, lr=3e-3, seed=1)]
-    for member, alone in group_and_solo_states(configs, mesh, xs):
+    for c, (member, alone) in zip(configs, group_and_solo_states(configs, mesh, xs), strict=True):
         for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(alone), strict=True):
-            # The member of smaller k has 2 k_max candidates in the group, 2 k alone.
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+            if c.k == max(cc.k for cc in configs):  # the same program: bit for bit
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            else:  # 2 k_max candidates in the group, 2 k alone: ~1 ulp apart (measured 3e-8)
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_the_cost_model_counts_the_candidates():
