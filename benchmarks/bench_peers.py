@@ -11,7 +11,9 @@ the CPU. Two architectures:
 
 - TopK (k = 32): saejax ``architecture="topk"`` with ``step_kernel="auto"`` (the cost model;
   the sparse kernel of saejax/sae/sparse.py when F >= 32 k on the CPU) and, as its own row,
-  ``step_kernel="dense"``; sparsify's ``SparseCoder``; SAELens' ``TopKTrainingSAE``.
+  ``step_kernel="dense"``; sparsify's ``SparseCoder``; SAELens' ``TopKTrainingSAE``. The row
+  "saejax (lax.top_k)" is saejax's step with XLA's own top-k in place of the native one
+  (``SAEJAX_NATIVE=0``, saejax/native).
 - ReLU + L1: saejax ``architecture="relu"``; SAELens' ``StandardTrainingSAE``. sparsify has
   no ReLU + L1 SAE.
 - With ``--archs`` (not by default): BatchTopK (k = 32 on average) and Matryoshka on
@@ -70,13 +72,14 @@ import sys
 import time
 
 TAG = "PEERS_JSON "
-FRAMEWORKS = ("saejax", "saejax-dense", "sparsify", "saelens")
+FRAMEWORKS = ("saejax", "saejax-dense", "saejax-lax", "sparsify", "saelens")
 ARCHS = ("topk", "relu", "batchtopk", "matryoshka")
-SUPPORTS = {"saejax": ARCHS, "saejax-dense": ("topk", "batchtopk", "matryoshka"), "sparsify": ("topk",),
+SUPPORTS = {"saejax": ARCHS, "saejax-dense": ("topk", "batchtopk", "matryoshka"),
+            "saejax-lax": ("topk", "batchtopk", "matryoshka"), "sparsify": ("topk",),
             "saelens": ARCHS}
 K_ARCHS = ("topk", "batchtopk", "matryoshka")  # k active features (per input or on average)
-LABEL = {"saejax": "saejax", "saejax-dense": "saejax (dense kernel)", "sparsify": "sparsify",
-         "saelens": "SAELens"}
+LABEL = {"saejax": "saejax", "saejax-dense": "saejax (dense kernel)",
+         "saejax-lax": "saejax (lax.top_k)", "sparsify": "sparsify", "saelens": "SAELens"}
 
 
 def _parse(argv=None):
@@ -164,7 +167,7 @@ def _child_peak(args) -> None:
     _emit(dict(kind="peak", round=args.round, flops=rates, jax=jax.__version__))
 
 
-def _child_saejax(args, kernel: str) -> None:
+def _child_saejax(args, kernel: str, name: str) -> None:
     import jax
     import numpy as np
 
@@ -175,7 +178,6 @@ def _child_saejax(args, kernel: str) -> None:
 
     mesh = make_mesh(MeshConfig(data=1, model=1))
     x = jax.device_put(_data(args), named_sharding(mesh, ("batch", "d_in")))
-    name = "saejax" if kernel == "auto" else "saejax-dense"
     for arch in _archs(args, name):
         for f in _features(args):
             extra = dict(k=args.k, aux_k=args.d_in // 2) if arch in K_ARCHS else {}
@@ -333,8 +335,8 @@ def _child(args) -> None:
     name = args.child
     if name == "peak":
         _child_peak(args)
-    elif name in ("saejax", "saejax-dense"):
-        _child_saejax(args, "auto" if name == "saejax" else "dense")
+    elif name in ("saejax", "saejax-dense", "saejax-lax"):
+        _child_saejax(args, "dense" if name == "saejax-dense" else "auto", name)
     elif name == "sparsify":
         _child_sparsify(args)
     elif name == "saelens":
@@ -351,6 +353,8 @@ def _run_child(args, name: str, rnd: int) -> list[dict]:
               "l1", "peak_reps"):
         cmd += [f"--{a.replace('_', '-')}", str(getattr(args, a))]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if name == "saejax-lax":
+        env["SAEJAX_NATIVE"] = "0"  # the same step with XLA's top-k (saejax/native)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     rows = [json.loads(line[len(TAG):]) for line in proc.stdout.splitlines() if line.startswith(TAG)]
@@ -436,7 +440,7 @@ def _table(args, rows: list[dict]) -> str:
                              f"({1e3 * lo:.1f}) | {args.batch / t:,.0f} | {ratio} | "
                              f"{100 * flops / t / peak:.1f} | {t / (2 * args.batch * args.d_in * f / peak):.1f} |")
     for fw in [fw for fw in args.frameworks.split(",") if fw in FRAMEWORKS]:
-        for arch in [a for a in args.archs.split(",") if a not in SUPPORTS[fw] and fw != "saejax-dense"]:
+        for arch in [a for a in args.archs.split(",") if a not in SUPPORTS[fw] and fw not in ("saejax-dense", "saejax-lax")]:
             lines.append(f"\n{LABEL[fw]} has no {arch} SAE (not run).")
     for e in errors:
         lines.append(f"\n{LABEL.get(e['framework'], e['framework'])} failed in round {e['round']} "

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
-from saejax import parallel
+from saejax import native, parallel
 from saejax.sae import auxk, dead
 from saejax.sae.matmul import mm as _mm
 
@@ -145,17 +145,19 @@ def _select(pre: Float[Array, "B Fs"], k_max: int, model_axis: str | None):
 
     ``pre`` is this device's slice of the dictionary (all of it when ``model_axis`` is None);
     ``mine`` marks the winners this slice holds (None: all), and their local indices are
-    valid only there (0 elsewhere).
+    valid only there (0 elsewhere). The top-k is :func:`saejax.native.top_k` (``lax.top_k``'s
+    result; 6x faster on XLA:CPU at [4096, 4096], k 32): the arrays here are local to the
+    device, inside the kernel's ``shard_map`` or on one device.
     """
     f_local = pre.shape[1]
     # A slice narrower than k_max offers all of its features (M slices still hold F >= k).
-    vals, idx = jax.lax.top_k(pre, min(k_max, f_local))
+    vals, idx = native.top_k(pre, min(k_max, f_local))
     if model_axis is None:
         return vals, idx, idx, None
     offset = jax.lax.axis_index(model_axis) * f_local
     cand_vals = jax.lax.all_gather(vals, model_axis, axis=1, tiled=True)          # [B, M k]
     cand_idx = jax.lax.all_gather(idx + offset, model_axis, axis=1, tiled=True)
-    vals, pos = jax.lax.top_k(cand_vals, k_max)
+    vals, pos = native.top_k(cand_vals, k_max)
     gidx = jnp.take_along_axis(cand_idx, pos, axis=1)
     local = gidx - offset
     mine = (local >= 0) & (local < f_local)
