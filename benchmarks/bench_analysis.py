@@ -60,7 +60,8 @@ def main() -> None:
            "cpus": os.cpu_count(), "features": report["sae"]["n_features"],
            "tokens": meta["n_tokens"], "split": meta["split"],
            "feature_pass_s": meta["pass_seconds"], "feature_tok_s": meta["tokens_per_second"],
-           "pass_form": meta.get("pass_form"), "compacted_batches": meta.get("compacted_batches"),
+           "pass_form": meta.get("pass_form"), "pass_cap": meta.get("pass_cap"),
+           "compacted_batches": meta.get("compacted_batches"), "dense_batches": meta.get("dense_batches"),
            "total_s": round(total, 1),
            "dashboard_mb": round(_size(os.path.dirname(report["dashboard"])) / 2**20, 1),
            "features_json_mb": round(_size(report["stats"]) / 2**20, 1), "stages": stages}

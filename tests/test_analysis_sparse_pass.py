@@ -1,6 +1,7 @@
-"""The analysis pass's sparse form (a TopK dictionary's k active features per token) against
-its dense form and brute force: the same counts, top lists, reservoir, token tables and
-active lists; on one device and on meshes; the automatic choice and its bad input."""
+"""The analysis pass's sparse form (a TopK dictionary's k active features per token; any
+other dictionary's active features up to a cap) against its dense form and brute force: the
+same counts, top lists, reservoir, token tables and active lists; on one device and on
+meshes; the automatic choice and its bad input."""
 
 import functools
 
@@ -32,10 +33,12 @@ def lm():
 def topk_sae(k=K, architecture="topk"):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(F, M)).astype(np.float32)
+    extra = {"jumprelu": {"threshold": jnp.asarray(rng.uniform(0.0, 2.0, F), jnp.float32)},
+             "batchtopk": {"threshold": jnp.asarray(0.7, jnp.float32)}}.get(architecture, {})
     params = SAEParams(W_enc=jnp.asarray(w), b_enc=jnp.asarray(rng.normal(size=F) - 0.5,
                                                                   jnp.float32),
                        W_dec=jnp.asarray(w / np.linalg.norm(w, axis=1, keepdims=True)),
-                       b_dec=jnp.zeros(M))
+                       b_dec=jnp.zeros(M), extra=extra)
     return SAEBundle(params, SAEConfig(d_in=M, n_features=F, architecture=architecture, k=k),
                      site=SITE)
 
@@ -45,13 +48,13 @@ def tokens():
     return np.random.default_rng(1).integers(0, V, (N, T)).astype(np.int32)
 
 
-def one_pass(sae, sparse, mesh=None, event_cap=None):
+def one_pass(sae, sparse, mesh=None, event_cap=None, cap=None, info=None):
     mesh = mesh or parallel.make_mesh(MeshConfig())
     graphdef, params = split_lm(lm())
     return run_pass(graphdef, jax.device_put(params, parallel.replicated(mesh)),
                     sae.on_mesh(mesh), tokens(), mesh, batch=8, top=TOP, reservoir=RES,
                     before=3, width=5, vocab=V, seed=0, active_tokens=N * T // 2, n_active=5,
-                    sparse=sparse, event_cap=event_cap)
+                    sparse=sparse, event_cap=event_cap, cap=cap, info=info)
 
 
 def brute_acts(sae):
@@ -118,12 +121,13 @@ def test_sparse_pass_sharded_equals_one_device(shape):
 def test_automatic_choice_and_bad_input():
     assert not use_sparse(topk_sae(K))                 # 8 k > F: dense
     assert use_sparse(topk_sae(2))                     # 8 k <= F: sparse
-    assert not use_sparse(topk_sae(K, "relu"))
+    assert not use_sparse(topk_sae(K, "relu"))         # not TopK: dense unless asked
     assert use_sparse(topk_sae(K), True) and not use_sparse(topk_sae(2), False)
-    with pytest.raises(ValueError, match="TopK"):
-        use_sparse(topk_sae(K, "relu"), True)
+    assert use_sparse(topk_sae(K, "relu"), True)
     with pytest.raises(ValueError, match="k-sparse"):
         topk_sae(K, "relu").encode_sparse(jnp.zeros((2, M)))
+    with pytest.raises(ValueError, match=r"cap must be in \[1, 16\]"):
+        one_pass(topk_sae(K, "jumprelu"), True, cap=0)
 
 
 @pytest.mark.parametrize("cap", [1, 100, 10_000])
@@ -142,17 +146,19 @@ def test_selection_from_few_events_equals_selection_from_all(cap):
     assert_same_pass(got, one_pass(sae, False))
 
 
-def test_feature_stats_are_the_same_in_both_forms():
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_feature_stats_are_the_same_in_both_forms(arch):
     from saejax.analysis.features import FeatureStatsConfig, compute_feature_stats
 
     cfg = dict(batch_size=8, top_k=6, n_intervals=3, samples_per_interval=2, window_before=3,
                window_after=1, hist_bins=4, n_logit_tokens=3, ablation_contexts=0,
                reservoir=16, interp=True, interp_min_firings=3, neighbours=3, coact_tokens=N * T)
-    sae = topk_sae()
+    sae = topk_sae(K, arch)
     got = {form: compute_feature_stats(lm(), sae, tokens(), FeatureStatsConfig(**cfg, pass_form=form))
            for form in ("sparse", "dense")}
     s, d = got["sparse"], got["dense"]
     assert (s["meta"]["pass_form"], d["meta"]["pass_form"]) == ("sparse", "dense")
+    assert s["meta"]["pass_cap"] == (K if arch == "topk" else 16) and d["meta"]["pass_cap"] == 0
     assert s["density"] == d["density"] and s["l0_hist"] == d["l0_hist"]
     assert s["summary"]["interp"] == d["summary"]["interp"]
     for a, b in zip(s["features"], d["features"], strict=True):
@@ -162,9 +168,44 @@ def test_feature_stats_are_the_same_in_both_forms():
         FeatureStatsConfig(pass_form="fast")
 
 
-def test_a_sparse_pass_of_a_dictionary_that_is_not_topk_is_a_one_line_error():
-    from saejax.analysis.features import FeatureStatsConfig, compute_feature_stats
+def per_token_l0(sae):
+    return (brute_acts(sae) > 0).sum(axis=1)
 
-    with pytest.raises(ConfigError, match="pass_form='sparse' needs a TopK dictionary"):
-        compute_feature_stats(lm(), topk_sae(K, "relu"), tokens(),
-                              FeatureStatsConfig(batch_size=8, pass_form="sparse"))
+
+# 20 s each: JumpReLU in the default suite, the others (the same code path) behind `slow`.
+@pytest.mark.parametrize("arch", ["jumprelu", pytest.param("batchtopk", marks=pytest.mark.slow),
+                                  pytest.param("relu", marks=pytest.mark.slow)])
+def test_capped_sparse_pass_equals_dense_pass(arch):
+    """A dictionary with a varying number of active units per token (JumpReLU; BatchTopK's
+    inference form; ReLU): the capped sparse form equals the dense form whether no batch,
+    some batches or every batch has a token over the cap (those run the dense form)."""
+    sae = topk_sae(K, arch)
+    l0 = per_token_l0(sae).reshape(N // 8, -1).max(axis=1)   # the most per token, per batch
+    dense = one_pass(sae, False)
+    n_batches = N // 8
+    mid = int(np.median(l0))
+    for cap, dense_batches in ((int(l0.max()), 0), (mid, int((l0 > mid).sum())), (1, n_batches)):
+        info = {}
+        got = one_pass(sae, True, cap=cap, info=info)
+        assert info == {"form": "sparse", "cap": cap}
+        assert int(got[0].dense_batches) == dense_batches
+        assert_same_pass(got, dense, atol=1e-6)
+    assert 0 < int((l0 > mid).sum()) < n_batches     # the middle cap mixed both forms
+    # The probed cap: twice the first batch's most, rounded up to a power of two (min 8).
+    info = {}
+    one_pass(sae, True, info=info)
+    assert info["cap"] == min(F, max(8, 1 << (2 * int(l0[0]) - 1).bit_length()))
+    info = {}
+    one_pass(sae, None, info=info)                   # auto: dense for all but TopK
+    assert info == {"form": "dense", "cap": 0}
+
+
+@pytest.mark.parametrize("shape", [(2, 4)])
+def test_capped_sparse_pass_sharded_equals_one_device(shape):
+    sae = topk_sae(K, "jumprelu")
+    cap = int(np.median(per_token_l0(sae).reshape(N // 8, -1).max(axis=1)))
+    ref = one_pass(sae, True, parallel.make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1]),
+                   event_cap=100, cap=cap)
+    got = one_pass(sae, True, parallel.make_mesh(MeshConfig(*shape)), event_cap=100, cap=cap)
+    assert got[0].dense_batches == ref[0].dense_batches > 0
+    assert_same_pass(got, ref, atol=1e-4)

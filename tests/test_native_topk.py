@@ -125,3 +125,14 @@ def test_the_sparse_kernel_selects_with_it(devices):
     mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
     for m in (None, mesh):
         assert native_topk.TARGET in _hlo(lambda p, xx: sparse.core(p, xx, 8, 8, "f32", m), params, x)  # noqa: B023
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
+    if os.environ.get("SAEJAX_NATIVE") == "0":
+        pytest.skip("SAEJAX_NATIVE=0")
+    blocker = tmp_path / "file"
+    blocker.write_text("")                      # a file where the cache folder should be
+    monkeypatch.setenv("SAEJAX_NATIVE_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(native_topk.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    lib = native_topk.build()
+    assert lib.parent == tmp_path / "tmp" / f"saejax-native-{os.getuid()}" and lib.exists()

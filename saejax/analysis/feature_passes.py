@@ -29,15 +29,22 @@ Unit activations come from :meth:`saejax.sae.bundle.SAEBundle.encode` (SAE units
 bundle applies the run's input normaliser); the neurons of a site are a bundle too
 (:func:`saejax.analysis.neurons.neuron_bundle`).
 
-**The sparse form** (a TopK dictionary, chosen by :func:`use_sparse`): a token activates at
+**The sparse form** (chosen by :func:`use_sparse`): a TopK dictionary's token activates at
 most k units, so a batch is E = R k firing events (unit, row, value) read off the encoder's
-own top-k (:meth:`saejax.sae.bundle.SAEBundle.encode_sparse`). Counts, sums and the token
+own top-k (:meth:`saejax.sae.bundle.SAEBundle.encode_sparse`). Any other dictionary (a
+JumpReLU; BatchTopK and Matryoshka in their inference form, a JumpReLU with one threshold;
+ReLU; Gated) activates a varying number: when asked for (``sparse=True``; the automatic
+choice keeps such dictionaries dense, the capped form measured slower on XLA:CPU) its
+events are each token's ``cap`` largest activations, the cap probed on the first batch
+(:func:`probe_cap`: twice the most any token activates, rounded up to a power of two), and
+a batch where a token activates more than the cap runs the dense form on the same
+activations (``PassState.dense_batches``). Counts, sums and the token
 tables become scatter-adds over E; each unit's top-K2 and reservoir candidates come from one
 stable sort of the events by (unit, key) and a rank within the unit (:func:`_per_unit`),
 instead of a top-k over R for each of the F units; once the lists fill, few events can
 still enter them (those above a unit's K2-th value or M-th priority), and a batch with few
 such events sorts only those. Windows are read from the dense [R, F] activations. It computes the same state as the dense form (tested), apart from float
-summation order and exact ties at a token's k-th value.
+summation order and, for TopK, exact ties at a token's k-th value.
 
 Legend: B contexts per batch, T sequence, R = B*T token rows of a batch, F units, K2 top
 candidates, M reservoir size, W window tokens, V vocabulary, L active units per token.
@@ -74,6 +81,7 @@ class PassState(NamedTuple):
     res_win: Float[Array, "F M W"]
     tables: interp.TokenTables    # the interpretability score's counts (V 0: none)
     compacted: Int[Array, ""]     # batches whose sparse selection ran on few events
+    dense_batches: Int[Array, ""]  # capped sparse form: batches with a token over the cap
 
 
 def feature_fn(graphdef, site: str) -> Callable:
@@ -151,7 +159,7 @@ def state_shardings(mesh) -> PassState:
     return PassState(count=lat[1], act_sum=lat[1], l0_hist=rep, top_val=lat[2], top_pos=lat[2],
                      top_win=lat[3], res_pri=lat[2], res_pos=lat[2], res_act=lat[2],
                      res_win=lat[3], tables=interp.TokenTables(last, last, rep, rep),
-                     compacted=rep)
+                     compacted=rep, dense_batches=rep)
 
 
 def init_state(n_units: int, top: int, reservoir: int, width: int, vocab: int) -> PassState:
@@ -166,12 +174,13 @@ def init_state(n_units: int, top: int, reservoir: int, width: int, vocab: int) -
         res_pos=np.full((F, reservoir), -1, np.int32),
         res_act=np.zeros((F, reservoir), np.float32),
         res_win=np.zeros((F, reservoir, width), np.float32),
-        tables=interp.init_tables(vocab, F), compacted=np.zeros((), np.int32))
+        tables=interp.init_tables(vocab, F), compacted=np.zeros((), np.int32),
+        dense_batches=np.zeros((), np.int32))
 
 
 def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: int, width: int,
               seq_len: int, vocab: int, n_active: int = 0, candidates: int = 16,
-              sparse: bool = False, event_cap: int | None = None):
+              sparse: bool = False, event_cap: int | None = None, cap: int = 0):
     """Jitted ``(state, lm_params, sae, tokens [B, T], row0, key) -> (state, active)``.
 
     ``row0`` is the global index of the batch's first context (token positions in the state
@@ -190,7 +199,9 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
     rep = parallel.replicated(mesh)
 
     def step(state: PassState, lm_params, sae, tokens, row0, key):
-        f = features(lm_params, sae, tokens)            # [R, F]
+        return dense_body(state, features(lm_params, sae, tokens), tokens, row0, key)
+
+    def dense_body(state: PassState, f, tokens, row0, key):
         ft = f.T                                        # [F, R]: top_k reduces the last axis
         fired = ft > 0
         n_fired = jnp.sum(f > 0, axis=0, dtype=jnp.int32)   # [R, F] reductions: contiguous
@@ -213,7 +224,8 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
         new = PassState(count=state.count + n_fired, act_sum=state.act_sum + jnp.sum(f, axis=0),
                         l0_hist=state.l0_hist.at[l0].add(1), top_val=top_val, top_pos=top_pos,
                         top_win=top_win, res_pri=res[0], res_pos=res[1], res_act=res[2],
-                        res_win=res[3], tables=tables, compacted=state.compacted)
+                        res_win=res[3], tables=tables, compacted=state.compacted,
+                        dense_batches=state.dense_batches)
         active = None
         if n_active:
             active = tuple(jax.lax.top_k(f, n_active))
@@ -221,7 +233,23 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
 
     def sparse_step(state: PassState, lm_params, sae, tokens, row0, key):
         (acts,) = forward(graphdef, lm_params, tokens, sites=(site,), logits=False).acts.values()
-        f, vals, ids = sae.encode_sparse(acts.reshape(-1, acts.shape[-1]))   # [R, F], [R, k] x 2
+        x = acts.reshape(-1, acts.shape[-1])
+        if sae.k_sparse:
+            return sparse_body(state, *sae.encode_sparse(x), tokens, row0, key)  # [R, F], [R, k] x 2
+        # Any other dictionary: each token's ``cap`` largest activations; a batch where some
+        # token has more active units than that runs the dense body on the same f.
+        f = sae.encode(x)
+        vals, ids = jax.lax.top_k(f, cap)
+        over = jnp.any(jnp.sum(f > 0, axis=1) > cap)
+
+        def dense(_):
+            new, active = dense_body(state, f, tokens, row0, key)
+            return new._replace(dense_batches=new.dense_batches + 1), active
+
+        return jax.lax.cond(over, dense, lambda _: sparse_body(state, f, vals, ids, tokens, row0, key),
+                            None)
+
+    def sparse_body(state: PassState, f, vals, ids, tokens, row0, key):
         n_rows, k = vals.shape
         n_units = f.shape[1]
         on = vals > 0
@@ -277,7 +305,8 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
                         l0_hist=state.l0_hist.at[l0].add(1), top_val=top_val, top_pos=top_pos,
                         top_win=top_win, res_pri=res[0], res_pos=res[1], res_act=res[2],
                         res_win=res[3], tables=tables,
-                        compacted=state.compacted + compact.astype(jnp.int32))
+                        compacted=state.compacted + compact.astype(jnp.int32),
+                        dense_batches=state.dense_batches)
         active = None
         if n_active:        # each token's n_active largest, as the dense step's top_k of f
             pad = max(n_active - k, 0)
@@ -290,15 +319,25 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
 
 
 def use_sparse(sae: SAEBundle, sparse: bool | None = None) -> bool:
-    """Whether the pass reads the dictionary's k active features per token instead of its
-    dense activations: ``sparse`` if given (True needs a TopK dictionary), else whenever the
-    dictionary is TopK with k <= F / 8 (measured on XLA:CPU in benchmarks/RESULTS.md)."""
-    k = sae.k_sparse
+    """Whether the pass reads each token's active units as events instead of the dense
+    activations: ``sparse`` if given, else for a TopK dictionary with k <= F / 8 (measured
+    on XLA:CPU in benchmarks/RESULTS.md). Any other dictionary (JumpReLU, BatchTopK's and
+    Matryoshka's threshold form, ReLU, Gated) runs the capped sparse form only when asked:
+    measured on a BatchTopK dictionary it was slower than the dense form (RESULTS.md)."""
     if sparse is None:
+        k = sae.k_sparse
         return bool(k) and 8 * k <= sae.n_features
-    if sparse and not k:
-        raise ValueError(f"a sparse pass needs a TopK dictionary, not {sae.config.architecture!r}")
     return sparse
+
+
+def probe_cap(graphdef, site: str, lm_params, sae: SAEBundle, tokens) -> int:
+    """The capped sparse form's cap: the smallest power of two >= twice the most units any
+    token of ``tokens`` activates (at least 8, at most F). A later batch with a token over
+    the cap runs the dense form (``PassState.dense_batches`` counts them): the same state."""
+    features = feature_fn(graphdef, site)
+    l0 = int(jax.jit(lambda p, s, t: jnp.max(jnp.sum(features(p, s, t) > 0, axis=1)))(
+        lm_params, sae, tokens))
+    return min(sae.n_features, max(8, 1 << (2 * l0 - 1).bit_length()))
 
 
 def batches(tokens: np.ndarray, batch: int, mesh) -> Iterator[tuple[int, jax.Array]]:
@@ -313,18 +352,30 @@ def run_pass(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, mesh, *, b
              top: int, reservoir: int, before: int, width: int, vocab: int, seed: int,
              active_tokens: int = 0, n_active: int = 0,
              tick: Callable[[int, int], None] | None = None, sparse: bool | None = None,
-             event_cap: int | None = None
+             event_cap: int | None = None, cap: int | None = None, info: dict | None = None
              ) -> tuple[PassState, list[tuple[np.ndarray, np.ndarray]]]:
     """The pass over ``tokens`` [N, T] (N a multiple of ``batch``); returns the host state
     and, for the first ``active_tokens`` tokens, each token's ``n_active`` largest
     activations as (values, ids) per batch. ``tick(tokens_done, tokens_total)`` is called
     after each batch. ``sae`` must already be placed on ``mesh``. ``sparse``: see
-    :func:`use_sparse` (None = automatic); ``event_cap``: see :func:`make_step`.
+    :func:`use_sparse` (None = automatic); ``event_cap``: see :func:`make_step`; ``cap``: the
+    per-token cap of a dictionary that is not TopK (None: :func:`probe_cap` on the first
+    batch, when the sparse form may run). ``info``, if given, receives "form" ("sparse" or
+    "dense") and "cap" (the events per token of the sparse form, else 0).
     """
     seq_len = tokens.shape[1]
     n_active = min(n_active, sae.n_features)
+    sparse = use_sparse(sae, sparse)
+    if sae.k_sparse or not sparse or tokens.shape[0] < batch:
+        cap = 0
+    elif cap is None:
+        cap = probe_cap(graphdef, sae.site, lm_params, sae, next(batches(tokens, batch, mesh))[1])
+    elif not 1 <= cap <= sae.n_features:
+        raise ValueError(f"cap must be in [1, {sae.n_features}] (units per token), got {cap}")
+    if info is not None:
+        info.update(form="sparse" if sparse else "dense", cap=(sae.k_sparse or cap) if sparse else 0)
     kw = dict(top=top, reservoir=reservoir, before=before, width=width, seq_len=seq_len,
-              vocab=vocab, sparse=use_sparse(sae, sparse), event_cap=event_cap)
+              vocab=vocab, sparse=sparse, event_cap=event_cap, cap=cap)
     step = make_step(graphdef, sae.site, mesh, **kw)
     step_active = make_step(graphdef, sae.site, mesh, n_active=n_active, **kw) if n_active else None
     state = jax.device_put(init_state(sae.n_features, top, reservoir, width, vocab),

@@ -36,9 +36,9 @@ from absl import logging
 
 from saejax import parallel
 from saejax.analysis import ablation, logits, neighbours
-from saejax.analysis.feature_passes import PassState, Ticker, run_pass, use_sparse
+from saejax.analysis.feature_passes import PassState, Ticker, run_pass
 from saejax.analysis.stats_file import STATS_FORMAT, load_stats, save_stats  # noqa: F401 - re-exported
-from saejax.config import ConfigError, MeshConfig, check, check_fraction, check_nonnegative, check_positive
+from saejax.config import MeshConfig, check, check_fraction, check_nonnegative, check_positive
 from saejax.lm.model import lm_module, split_lm
 from saejax.sae.bundle import SAEBundle
 
@@ -88,8 +88,10 @@ class FeatureStatsConfig:
         co-activation.
       coact_max_active: active units read per token for co-activation (a token with more
         is counted as "truncated" in the meta).
-      pass_form: "auto", "sparse" (a TopK dictionary's k active features per token) or
-        "dense"; the same statistics (:func:`saejax.analysis.feature_passes.use_sparse`).
+      pass_form: "auto", "sparse" (each token's active features as events: a TopK
+        dictionary's k, any other's largest up to a cap probed on the first batch) or
+        "dense"; the same statistics. "auto" is sparse for TopK with k <= F / 8 only
+        (:func:`saejax.analysis.feature_passes.use_sparse`).
     """
 
     batch_size: int = 16
@@ -231,7 +233,8 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                      window{before, after, width}, top_k, n_intervals, reservoir,
                      logit_mode, ultralow_threshold, dense_threshold, pass_seconds,
                      tokens_per_second, pass_form (sparse | dense; see feature_passes),
-                     compacted_batches, coactivation{tokens, truncated} | None}
+                     pass_cap (events per token of the sparse form), compacted_batches,
+                     dense_batches, coactivation{tokens, truncated} | None}
         summary{alive, silent, ultralow, dense, mean_l0, interp{...} | None}
         density[F], mean_act[F] (over all tokens), mean_act_active[F], max_act[F]
         silent[ids], ultralow[ids], dense[ids], l0_hist[counts by L0], vocab[strings] | None
@@ -265,9 +268,6 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                           f"{sae.n_features:,} units) exceed interp_max_table_bytes")
         logging.warning("unit stats: no interpretability score: %s", interp_skipped)
         n_vocab = 0
-    if config.pass_form == "sparse" and not sae.k_sparse:
-        raise ConfigError(f"analysis.pass_form='sparse' needs a TopK dictionary, not "
-                          f"{sae.config.architecture!r} (use 'auto' or 'dense')")
     n_top = min(2 * config.top_k if config.dedup else config.top_k, config.batch_size * seq_len)
     t0 = time.perf_counter()
     state, active = run_pass(
@@ -275,7 +275,7 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
         reservoir=config.reservoir, before=config.window_before, width=width, vocab=n_vocab,
         seed=config.seed, active_tokens=config.coact_tokens if config.neighbours else 0,
         n_active=config.coact_max_active, tick=Ticker(enabled=show_progress),
-        sparse=_FORMS[config.pass_form])
+        sparse=_FORMS[config.pass_form], info=(pass_info := {}))
     secs = time.perf_counter() - t0
     n_tok = n_ctx * seq_len
     say(f"pass done ({n_tok:,} tokens in {secs:.1f} s, {n_tok / secs:,.0f} tokens/s)")
@@ -310,10 +310,11 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
              | {"interp": interp_recs[i], "neighbours": neigh[i]}
              for i in range(sae.n_features)]
     stats = _assemble(sae, state, density, config, n_ctx, seq_len, width, vocab, feats)
-    form = "sparse" if use_sparse(sae, _FORMS[config.pass_form]) else "dense"
     stats["meta"].update(unit=unit, reservoir=config.reservoir, pass_seconds=round(secs, 2),
                          tokens_per_second=round(n_tok / secs), coactivation=coact_info,
-                         pass_form=form, compacted_batches=int(state.compacted))
+                         pass_form=pass_info["form"], pass_cap=pass_info["cap"],
+                         compacted_batches=int(state.compacted),
+                         dense_batches=int(state.dense_batches))
     stats["summary"]["interp"] = interp_summary
     stats["meta"]["interp_skipped"] = interp_skipped
     return stats

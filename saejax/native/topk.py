@@ -60,7 +60,13 @@ def build(cxx: str | None = None, out_dir: Path | None = None) -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([src, jax.__version__.encode(), version.encode(),
                                      _cpu_id().encode(), repr(FLAGS).encode()])).hexdigest()[:20]
-    out_dir = Path(out_dir) if out_dir is not None else cache_dir()
+    if out_dir is None:
+        out_dir = cache_dir()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:  # no writable home (some CI runners): a per-user temporary folder
+            out_dir = Path(tempfile.gettempdir()) / f"saejax-native-{os.getuid()}"
+    out_dir = Path(out_dir)
     lib = out_dir / f"topk-{key}.so"
     if lib.exists():
         return lib
