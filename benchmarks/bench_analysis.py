@@ -61,6 +61,7 @@ def main() -> None:
            "tokens": meta["n_tokens"], "split": meta["split"],
            "feature_pass_s": meta["pass_seconds"], "feature_tok_s": meta["tokens_per_second"],
            "pass_form": meta.get("pass_form"), "pass_cap": meta.get("pass_cap"),
+           "pass_budget": meta.get("pass_budget"),
            "compacted_batches": meta.get("compacted_batches"), "dense_batches": meta.get("dense_batches"),
            "total_s": round(total, 1),
            "dashboard_mb": round(_size(os.path.dirname(report["dashboard"])) / 2**20, 1),

@@ -48,13 +48,13 @@ def tokens():
     return np.random.default_rng(1).integers(0, V, (N, T)).astype(np.int32)
 
 
-def one_pass(sae, sparse, mesh=None, event_cap=None, cap=None, info=None):
+def one_pass(sae, sparse, mesh=None, event_cap=None, cap=None, budget=None, info=None):
     mesh = mesh or parallel.make_mesh(MeshConfig())
     graphdef, params = split_lm(lm())
     return run_pass(graphdef, jax.device_put(params, parallel.replicated(mesh)),
                     sae.on_mesh(mesh), tokens(), mesh, batch=8, top=TOP, reservoir=RES,
                     before=3, width=5, vocab=V, seed=0, active_tokens=N * T // 2, n_active=5,
-                    sparse=sparse, event_cap=event_cap, cap=cap, info=info)
+                    sparse=sparse, event_cap=event_cap, cap=cap, budget=budget, info=info)
 
 
 def brute_acts(sae):
@@ -159,6 +159,8 @@ def test_feature_stats_are_the_same_in_both_forms(arch):
     s, d = got["sparse"], got["dense"]
     assert (s["meta"]["pass_form"], d["meta"]["pass_form"]) == ("sparse", "dense")
     assert s["meta"]["pass_cap"] == (K if arch == "topk" else 16) and d["meta"]["pass_cap"] == 0
+    assert d["meta"]["pass_budget"] == 0
+    assert s["meta"]["pass_budget"] == 0 if arch == "topk" else 8 <= s["meta"]["pass_budget"] <= 16
     assert s["density"] == d["density"] and s["l0_hist"] == d["l0_hist"]
     assert s["summary"]["interp"] == d["summary"]["interp"]
     for a, b in zip(s["features"], d["features"], strict=True):
@@ -178,34 +180,52 @@ def per_token_l0(sae):
 def test_capped_sparse_pass_equals_dense_pass(arch):
     """A dictionary with a varying number of active units per token (JumpReLU; BatchTopK's
     inference form; ReLU): the capped sparse form equals the dense form whether no batch,
-    some batches or every batch has a token over the cap (those run the dense form)."""
+    some batches or every batch has a token over the cap, or more events than the budget
+    (those run the dense form), with the events compacted into the budget or not."""
     sae = topk_sae(K, arch)
-    l0 = per_token_l0(sae).reshape(N // 8, -1).max(axis=1)   # the most per token, per batch
+    per_token = per_token_l0(sae).reshape(N // 8, -1)        # batches of 8 x 16 tokens
+    l0 = per_token.max(axis=1)                               # the most per token, per batch
+    per_batch = per_token.sum(axis=1)                        # events per batch
     dense = one_pass(sae, False)
     n_batches = N // 8
     mid = int(np.median(l0))
     for cap, dense_batches in ((int(l0.max()), 0), (mid, int((l0 > mid).sum())), (1, n_batches)):
         info = {}
         got = one_pass(sae, True, cap=cap, info=info)
-        assert info == {"form": "sparse", "cap": cap}
+        assert info == {"form": "sparse", "cap": cap, "budget": 0}
         assert int(got[0].dense_batches) == dense_batches
         assert_same_pass(got, dense, atol=1e-6)
     assert 0 < int((l0 > mid).sum()) < n_batches     # the middle cap mixed both forms
-    # The probed cap: twice the first batch's most, rounded up to a power of two (min 8).
+    # Compacted events: a budget per token (x 128 tokens) that every batch fits, and one
+    # below it that some batches exceed (here all: the batches hold 657-749 events).
+    cap = int(l0.max())
+    fits = -(-int(per_batch.max()) // 128)
+    assert fits < cap and (per_batch > 128 * (fits - 1)).any()
+    for budget in (fits, fits - 1):
+        got = one_pass(sae, True, cap=cap, budget=budget)
+        assert int(got[0].dense_batches) == int((per_batch > 128 * budget).sum())
+        assert_same_pass(got, dense, atol=1e-6)
+    # The probed cap and budget: twice the first batch's most and 1.5 times its mean,
+    # rounded up to powers of two (8 to F).
     info = {}
     one_pass(sae, True, info=info)
-    assert info["cap"] == min(F, max(8, 1 << (2 * int(l0[0]) - 1).bit_length()))
+    pow2 = lambda n: min(F, max(8, 1 << (int(n) - 1).bit_length()))  # noqa: E731
+    assert (info["cap"], info["budget"]) == (pow2(2 * l0[0]), min(info["cap"], pow2(np.ceil(1.5 * per_token[0].mean()))))
     info = {}
     one_pass(sae, None, info=info)                   # auto: dense for all but TopK
-    assert info == {"form": "dense", "cap": 0}
+    assert info == {"form": "dense", "cap": 0, "budget": 0}
 
 
 @pytest.mark.parametrize("shape", [(2, 4)])
 def test_capped_sparse_pass_sharded_equals_one_device(shape):
+    # Some batches over the cap, the rest compacted into the budget.
     sae = topk_sae(K, "jumprelu")
-    cap = int(np.median(per_token_l0(sae).reshape(N // 8, -1).max(axis=1)))
-    ref = one_pass(sae, True, parallel.make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1]),
-                   event_cap=100, cap=cap)
-    got = one_pass(sae, True, parallel.make_mesh(MeshConfig(*shape)), event_cap=100, cap=cap)
+    per_token = per_token_l0(sae).reshape(N // 8, -1)
+    cap = int(np.median(per_token.max(axis=1)))
+    budget = -(-int(per_token.sum(axis=1).max()) // 128)
+    assert budget < cap
+    kw = dict(event_cap=100, cap=cap, budget=budget)
+    ref = one_pass(sae, True, parallel.make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1]), **kw)
+    got = one_pass(sae, True, parallel.make_mesh(MeshConfig(*shape)), **kw)
     assert got[0].dense_batches == ref[0].dense_batches > 0
     assert_same_pass(got, ref, atol=1e-4)

@@ -36,9 +36,10 @@ JumpReLU; BatchTopK and Matryoshka in their inference form, a JumpReLU with one 
 ReLU; Gated) activates a varying number: when asked for (``sparse=True``; the automatic
 choice keeps such dictionaries dense, the capped form measured slower on XLA:CPU) its
 events are each token's ``cap`` largest activations, the cap probed on the first batch
-(:func:`probe_cap`: twice the most any token activates, rounded up to a power of two), and
-a batch where a token activates more than the cap runs the dense form on the same
-activations (``PassState.dense_batches``). Counts, sums and the token
+(:func:`probe_cap`: twice the most any token activates, rounded up to a power of two); the
+firing events among them are compacted, in order, into a budget of R times 1.5 the mean
+L0 (a cumsum), and a batch where a token activates more than the cap, or whose events
+exceed the budget, runs the dense form on the same activations (``PassState.dense_batches``). Counts, sums and the token
 tables become scatter-adds over E; each unit's top-K2 and reservoir candidates come from one
 stable sort of the events by (unit, key) and a rank within the unit (:func:`_per_unit`),
 instead of a top-k over R for each of the F units; once the lists fill, few events can
@@ -52,6 +53,7 @@ candidates, M reservoir size, W window tokens, V vocabulary, L active units per 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -180,7 +182,8 @@ def init_state(n_units: int, top: int, reservoir: int, width: int, vocab: int) -
 
 def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: int, width: int,
               seq_len: int, vocab: int, n_active: int = 0, candidates: int = 16,
-              sparse: bool = False, event_cap: int | None = None, cap: int = 0):
+              sparse: bool = False, event_cap: int | None = None, cap: int = 0,
+              budget: int = 0):
     """Jitted ``(state, lm_params, sae, tokens [B, T], row0, key) -> (state, active)``.
 
     ``row0`` is the global index of the batch's first context (token positions in the state
@@ -237,25 +240,38 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
         if sae.k_sparse:
             return sparse_body(state, *sae.encode_sparse(x), tokens, row0, key)  # [R, F], [R, k] x 2
         # Any other dictionary: each token's ``cap`` largest activations; a batch where some
-        # token has more active units than that runs the dense body on the same f.
+        # token has more active units than that (or more than ``budget`` per token on
+        # average, when the events are compacted) runs the dense body on the same f.
         f = sae.encode(x)
         vals, ids = jax.lax.top_k(f, cap)
         over = jnp.any(jnp.sum(f > 0, axis=1) > cap)
+        if budget and budget < cap:
+            over = over | (jnp.sum(vals > 0) > f.shape[0] * budget)
 
         def dense(_):
             new, active = dense_body(state, f, tokens, row0, key)
             return new._replace(dense_batches=new.dense_batches + 1), active
 
-        return jax.lax.cond(over, dense, lambda _: sparse_body(state, f, vals, ids, tokens, row0, key),
-                            None)
+        return jax.lax.cond(over, dense, lambda _: sparse_body(state, f, vals, ids, tokens, row0, key,
+                                                               compact=True), None)
 
-    def sparse_body(state: PassState, f, vals, ids, tokens, row0, key):
+    def sparse_body(state: PassState, f, vals, ids, tokens, row0, key, compact=False):
         n_rows, k = vals.shape
         n_units = f.shape[1]
         on = vals > 0
         units = jnp.where(on, ids, n_units).reshape(-1)         # E = R k events; F = dropped
         rows = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k)).reshape(-1)
         v = vals.reshape(-1)
+        if compact and budget and budget < k:
+            # The firing events first, in their order, into R budget slots (a cumsum, not a
+            # sort; sparse_step checked that they fit): the selections below sort fewer.
+            fire = units < n_units
+            slot = jnp.where(fire, jnp.cumsum(fire) - 1, n_rows * budget)
+
+            def pack(a, fill):
+                return jnp.full((n_rows * budget,), fill, a.dtype).at[slot].set(a, mode="drop")
+
+            units, rows, v = pack(units, n_units), pack(rows, 0), pack(v, 0.0)
         offset = row0 * seq_len
         n_fired = jnp.zeros(n_units + 1, jnp.int32).at[units].add(1)[:n_units]
         v_sum = jnp.zeros(n_units + 1, jnp.float32).at[units].add(v)[:n_units]
@@ -330,14 +346,18 @@ def use_sparse(sae: SAEBundle, sparse: bool | None = None) -> bool:
     return sparse
 
 
-def probe_cap(graphdef, site: str, lm_params, sae: SAEBundle, tokens) -> int:
-    """The capped sparse form's cap: the smallest power of two >= twice the most units any
-    token of ``tokens`` activates (at least 8, at most F). A later batch with a token over
-    the cap runs the dense form (``PassState.dense_batches`` counts them): the same state."""
+def probe_cap(graphdef, site: str, lm_params, sae: SAEBundle, tokens) -> tuple[int, int]:
+    """The capped sparse form's (cap, budget) from one batch ``tokens``: the cap is the
+    smallest power of two >= twice the most units any token activates, the budget (events
+    kept per token on average) the smallest >= 1.5 times the mean; both at least 8, at most
+    F. A later batch over either runs the dense form (``PassState.dense_batches`` counts
+    them): the same state."""
     features = feature_fn(graphdef, site)
-    l0 = int(jax.jit(lambda p, s, t: jnp.max(jnp.sum(features(p, s, t) > 0, axis=1)))(
-        lm_params, sae, tokens))
-    return min(sae.n_features, max(8, 1 << (2 * l0 - 1).bit_length()))
+    most, mean = jax.jit(lambda p, s, t: (lambda n: (jnp.max(n), jnp.mean(n)))(
+        jnp.sum(features(p, s, t) > 0, axis=1)))(lm_params, sae, tokens)
+    pow2 = lambda n: min(sae.n_features, max(8, 1 << (int(n) - 1).bit_length()))  # noqa: E731
+    cap = pow2(2 * int(most))
+    return cap, min(cap, pow2(math.ceil(1.5 * float(mean))))
 
 
 def batches(tokens: np.ndarray, batch: int, mesh) -> Iterator[tuple[int, jax.Array]]:
@@ -352,30 +372,37 @@ def run_pass(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, mesh, *, b
              top: int, reservoir: int, before: int, width: int, vocab: int, seed: int,
              active_tokens: int = 0, n_active: int = 0,
              tick: Callable[[int, int], None] | None = None, sparse: bool | None = None,
-             event_cap: int | None = None, cap: int | None = None, info: dict | None = None
+             event_cap: int | None = None, cap: int | None = None, budget: int | None = None,
+             info: dict | None = None
              ) -> tuple[PassState, list[tuple[np.ndarray, np.ndarray]]]:
     """The pass over ``tokens`` [N, T] (N a multiple of ``batch``); returns the host state
     and, for the first ``active_tokens`` tokens, each token's ``n_active`` largest
     activations as (values, ids) per batch. ``tick(tokens_done, tokens_total)`` is called
     after each batch. ``sae`` must already be placed on ``mesh``. ``sparse``: see
-    :func:`use_sparse` (None = automatic); ``event_cap``: see :func:`make_step`; ``cap``: the
-    per-token cap of a dictionary that is not TopK (None: :func:`probe_cap` on the first
-    batch, when the sparse form may run). ``info``, if given, receives "form" ("sparse" or
-    "dense") and "cap" (the events per token of the sparse form, else 0).
+    :func:`use_sparse` (None = automatic); ``event_cap``: see :func:`make_step`; ``cap`` and
+    ``budget``: the per-token cap and the events kept per token on average of a dictionary
+    that is not TopK (None: :func:`probe_cap` on the first batch; a cap given alone keeps
+    every event). ``info``, if given, receives "form" ("sparse" or "dense"), "cap" (the
+    events per token of the sparse form, else 0) and "budget" (0: no compaction).
     """
     seq_len = tokens.shape[1]
     n_active = min(n_active, sae.n_features)
     sparse = use_sparse(sae, sparse)
     if sae.k_sparse or not sparse or tokens.shape[0] < batch:
-        cap = 0
+        cap, budget = 0, 0
     elif cap is None:
-        cap = probe_cap(graphdef, sae.site, lm_params, sae, next(batches(tokens, batch, mesh))[1])
+        cap, probed = probe_cap(graphdef, sae.site, lm_params, sae, next(batches(tokens, batch, mesh))[1])
+        budget = probed if budget is None else budget
     elif not 1 <= cap <= sae.n_features:
         raise ValueError(f"cap must be in [1, {sae.n_features}] (units per token), got {cap}")
+    budget = budget or 0
+    if not 0 <= budget <= max(cap, 0) or (budget and not cap):
+        raise ValueError(f"budget must be in [0, cap = {cap}] (events per token), got {budget}")
     if info is not None:
-        info.update(form="sparse" if sparse else "dense", cap=(sae.k_sparse or cap) if sparse else 0)
+        info.update(form="sparse" if sparse else "dense", cap=(sae.k_sparse or cap) if sparse else 0,
+                    budget=budget)
     kw = dict(top=top, reservoir=reservoir, before=before, width=width, seq_len=seq_len,
-              vocab=vocab, sparse=sparse, event_cap=event_cap, cap=cap)
+              vocab=vocab, sparse=sparse, event_cap=event_cap, cap=cap, budget=budget)
     step = make_step(graphdef, sae.site, mesh, **kw)
     step_active = make_step(graphdef, sae.site, mesh, n_active=n_active, **kw) if n_active else None
     state = jax.device_put(init_state(sae.n_features, top, reservoir, width, vocab),

@@ -233,7 +233,8 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
                      window{before, after, width}, top_k, n_intervals, reservoir,
                      logit_mode, ultralow_threshold, dense_threshold, pass_seconds,
                      tokens_per_second, pass_form (sparse | dense; see feature_passes),
-                     pass_cap (events per token of the sparse form), compacted_batches,
+                     pass_cap (events per token of the sparse form), pass_budget
+                     (events kept per token on average; 0: all), compacted_batches,
                      dense_batches, coactivation{tokens, truncated} | None}
         summary{alive, silent, ultralow, dense, mean_l0, interp{...} | None}
         density[F], mean_act[F] (over all tokens), mean_act_active[F], max_act[F]
@@ -313,6 +314,7 @@ def compute_feature_stats(lm, sae: SAEBundle, tokens: np.ndarray,
     stats["meta"].update(unit=unit, reservoir=config.reservoir, pass_seconds=round(secs, 2),
                          tokens_per_second=round(n_tok / secs), coactivation=coact_info,
                          pass_form=pass_info["form"], pass_cap=pass_info["cap"],
+                         pass_budget=pass_info["budget"],
                          compacted_batches=int(state.compacted),
                          dense_batches=int(state.dense_batches))
     stats["summary"]["interp"] = interp_summary
