@@ -39,8 +39,8 @@ events are each token's ``cap`` largest activations, the cap probed on the first
 (:func:`probe_cap`: twice the most any token activates, rounded up to a power of two); the
 firing events among them are compacted, in order, into a budget of R times 1.5 the mean
 L0 (a cumsum), and a batch where a token activates more than the cap, or whose events
-exceed the budget, runs the dense form on the same activations (``PassState.dense_batches``). Counts, sums and the token
-tables become scatter-adds over E; each unit's top-K2 and reservoir candidates come from one
+exceed the budget, runs the dense form on the same activations (``PassState.dense_batches``).
+Counts, sums and the token tables become scatter-adds over E; each unit's top-K2 and reservoir candidates come from one
 stable sort of the events by (unit, key) and a rank within the unit (:func:`_per_unit`),
 instead of a top-k over R for each of the F units; once the lists fill, few events can
 still enter them (those above a unit's K2-th value or M-th priority), and a batch with few
@@ -83,7 +83,7 @@ class PassState(NamedTuple):
     res_win: Float[Array, "F M W"]
     tables: interp.TokenTables    # the interpretability score's counts (V 0: none)
     compacted: Int[Array, ""]     # batches whose sparse selection ran on few events
-    dense_batches: Int[Array, ""]  # capped sparse form: batches with a token over the cap
+    dense_batches: Int[Array, ""]  # capped sparse form: batches over the cap or the budget
 
 
 def feature_fn(graphdef, site: str) -> Callable:
@@ -253,16 +253,16 @@ def make_step(graphdef, site: str, mesh, *, top: int, reservoir: int, before: in
             return new._replace(dense_batches=new.dense_batches + 1), active
 
         return jax.lax.cond(over, dense, lambda _: sparse_body(state, f, vals, ids, tokens, row0, key,
-                                                               compact=True), None)
+                                                               pack_events=True), None)
 
-    def sparse_body(state: PassState, f, vals, ids, tokens, row0, key, compact=False):
+    def sparse_body(state: PassState, f, vals, ids, tokens, row0, key, pack_events=False):
         n_rows, k = vals.shape
         n_units = f.shape[1]
         on = vals > 0
         units = jnp.where(on, ids, n_units).reshape(-1)         # E = R k events; F = dropped
         rows = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k)).reshape(-1)
         v = vals.reshape(-1)
-        if compact and budget and budget < k:
+        if pack_events and budget and budget < k:
             # The firing events first, in their order, into R budget slots (a cumsum, not a
             # sort; sparse_step checked that they fit): the selections below sort fewer.
             fire = units < n_units
