@@ -44,8 +44,9 @@ flags.DEFINE_integer("top_k", None, "top-activating contexts kept per feature (d
                      "the statistics' default)")
 flags.DEFINE_string("title", None, "dashboard title (default: the run's name)")
 flags.DEFINE_enum("pass_form", "auto", ["auto", "sparse", "dense"], "the feature pass's form: "
-                  "sparse reads a TopK dictionary's k active features per token (same "
-                  "statistics; auto picks it for TopK with k <= F/8)")
+                  "sparse reads each token's active features as events (a TopK dictionary's "
+                  "k; any other's up to a cap probed on the first batch; same statistics); "
+                  "auto picks it for TopK with k <= F/8 only")
 
 FLAGS = flags.FLAGS
 
