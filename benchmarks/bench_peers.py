@@ -74,10 +74,10 @@ import time
 TAG = "PEERS_JSON "
 FRAMEWORKS = ("saejax", "saejax-dense", "saejax-lax", "sparsify", "saelens")
 ARCHS = ("topk", "relu", "batchtopk", "matryoshka")
-SUPPORTS = {"saejax": ARCHS, "saejax-dense": ("topk", "batchtopk", "matryoshka"),
-            "saejax-lax": ("topk", "batchtopk", "matryoshka"), "sparsify": ("topk",),
-            "saelens": ARCHS}
 K_ARCHS = ("topk", "batchtopk", "matryoshka")  # k active features (per input or on average)
+VARIANTS = ("saejax-dense", "saejax-lax")  # saejax's step with one kernel choice changed
+SUPPORTS = {"saejax": ARCHS, **dict.fromkeys(VARIANTS, K_ARCHS), "sparsify": ("topk",),
+            "saelens": ARCHS}
 LABEL = {"saejax": "saejax", "saejax-dense": "saejax (dense kernel)",
          "saejax-lax": "saejax (lax.top_k)", "sparsify": "sparsify", "saelens": "SAELens"}
 
@@ -440,7 +440,7 @@ def _table(args, rows: list[dict]) -> str:
                              f"({1e3 * lo:.1f}) | {args.batch / t:,.0f} | {ratio} | "
                              f"{100 * flops / t / peak:.1f} | {t / (2 * args.batch * args.d_in * f / peak):.1f} |")
     for fw in [fw for fw in args.frameworks.split(",") if fw in FRAMEWORKS]:
-        for arch in [a for a in args.archs.split(",") if a not in SUPPORTS[fw] and fw not in ("saejax-dense", "saejax-lax")]:
+        for arch in [a for a in args.archs.split(",") if a not in SUPPORTS[fw] and fw not in VARIANTS]:
             lines.append(f"\n{LABEL[fw]} has no {arch} SAE (not run).")
     for e in errors:
         lines.append(f"\n{LABEL.get(e['framework'], e['framework'])} failed in round {e['round']} "

@@ -353,9 +353,16 @@ def probe_cap(graphdef, site: str, lm_params, sae: SAEBundle, tokens) -> tuple[i
     F. A later batch over either runs the dense form (``PassState.dense_batches`` counts
     them): the same state."""
     features = feature_fn(graphdef, site)
-    most, mean = jax.jit(lambda p, s, t: (lambda n: (jnp.max(n), jnp.mean(n)))(
-        jnp.sum(features(p, s, t) > 0, axis=1)))(lm_params, sae, tokens)
-    pow2 = lambda n: min(sae.n_features, max(8, 1 << (int(n) - 1).bit_length()))  # noqa: E731
+
+    @jax.jit
+    def l0_stats(p, s, t):
+        l0 = jnp.sum(features(p, s, t) > 0, axis=1)
+        return jnp.max(l0), jnp.mean(l0)
+
+    def pow2(n):  # the smallest power of two >= n, within [8, F]
+        return min(sae.n_features, max(8, 1 << (int(n) - 1).bit_length()))
+
+    most, mean = l0_stats(lm_params, sae, tokens)
     cap = pow2(2 * int(most))
     return cap, min(cap, pow2(math.ceil(1.5 * float(mean))))
 
@@ -396,7 +403,7 @@ def run_pass(graphdef, lm_params, sae: SAEBundle, tokens: np.ndarray, mesh, *, b
     elif not 1 <= cap <= sae.n_features:
         raise ValueError(f"cap must be in [1, {sae.n_features}] (units per token), got {cap}")
     budget = budget or 0
-    if not 0 <= budget <= max(cap, 0) or (budget and not cap):
+    if budget and not 1 <= budget <= cap:
         raise ValueError(f"budget must be in [0, cap = {cap}] (events per token), got {budget}")
     if info is not None:
         info.update(form="sparse" if sparse else "dense", cap=(sae.k_sparse or cap) if sparse else 0,
