@@ -96,8 +96,9 @@ def run_variant(variant: str) -> dict:
         raise SystemExit(f"{variant}: training stopped at step {res['step']} ({res.get('interrupted')}); "
                          f"no result recorded (re-run to resume it)")
     e = res["eval"]
-    family, level = sae_families.parse(variant)
-    row = {"variant": variant, "family": family, "level": level, "steps": res["step"],
+    family, level, lr = sae_families.parse(variant)
+    row = {"variant": variant, "family": family if lr is None else f"{family} lr {lr:g}", "level": level,
+           "lr": cfg.sae.lr, "steps": res["step"],
            "tokens": res["step"] * cfg.batch_size,
            "loss_recovered": e["frac_loss_recovered"], "l0": e["l0"],
            "dead_train": res["train"]["frac_dead"],

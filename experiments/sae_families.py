@@ -26,7 +26,8 @@ families differ only where their papers do:
   L0 near 20 needs (an 80-step trial stayed at L0 604).
 - ``gated_l<lambda>``: Gated SAE with Adam betas (0, 0.999) (the paper's App. D.1).
 
-``<lambda>`` is written as in Python (``relu_l3e-3``); ``<k>`` an integer.
+``<lambda>`` is written as in Python (``relu_l3e-3``); ``<k>`` an integer. A suffix
+``_lr<lr>`` sets Adam's learning rate (``batchtopk_k17_lr3e-3``; default the demo's 1e-3).
 """
 
 import ml_collections
@@ -36,21 +37,28 @@ from experiments import sae_demo
 FAMILIES = ("relu", "april", "topk", "batchtopk", "matryoshka", "jumprelu", "jumprelu-t05", "gated")
 
 
-def parse(variant: str) -> tuple[str, float]:
-    """"batchtopk_k16" -> ("batchtopk", 16); "relu_l3e-3" -> ("relu", 0.003)."""
-    family, _, level = variant.partition("_")
-    if family not in FAMILIES or level[:1] not in ("k", "l") or len(level) < 2:
+def parse(variant: str) -> tuple[str, float, float | None]:
+    """"batchtopk_k16" -> ("batchtopk", 16, None); "relu_l3e-3_lr2e-3" -> ("relu", 0.003, 0.002)."""
+    family, _, rest = variant.partition("_")
+    level, sep, lr = rest.partition("_lr")
+    try:
+        value, lr_value = float(level[1:]), float(lr) if lr else None
+    except ValueError:
+        value = lr_value = None
+    if family not in FAMILIES or level[:1] not in ("k", "l") or value is None or (sep and not lr_value):
         raise ValueError(f"unknown variant {variant!r}: expected <family>_k<k> or <family>_l<lambda>, "
-                         f"family one of {list(FAMILIES)}")
-    return family, float(level[1:])
+                         f"optionally _lr<lr>, family one of {list(FAMILIES)}")
+    return family, value, lr_value
 
 
 def get_config(variant: str = "batchtopk_k16") -> ml_collections.ConfigDict:
-    family, level = parse(variant)
+    family, level, lr = parse(variant)
     c = sae_demo.get_config("topk")
     c.workdir = f"runs/families/{variant}"
     s = c.sae
     s.update(lr_decay_fraction=0.2)
+    if lr is not None:
+        s.update(lr=lr)
     if family in ("topk", "batchtopk", "matryoshka"):
         s.update(architecture=family, k=int(level), aux_k=256)
     elif family == "relu":

@@ -89,6 +89,26 @@ def test_sparse_forward_backward_equals_the_dense_one(arch, case, path):
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_kept_entries_the_packed_rows_cannot_hold_take_the_dense_path(arch, monkeypatch):
+    """The gather-dots and scatter-adds run on the kept entries packed into
+    packed_rows(b) x k slots: with room for fewer, the step is the dense one and says so
+    (threshold path 2 where the dense step's own threshold took path 0); with exactly
+    enough room, the kernel's own result."""
+    cfg, params, x = problem(arch=arch)
+    dense = model.forward_backward(params, x, cfg, sparse=False)
+    kept = int((np.asarray(dense.f) > 0).sum())
+    assert int(dense.stats["path"]) == 0 and kept > cfg.k
+    # The r dense rows (any r rows on path 0, each keeping at most W) are not packed.
+    packed_least = kept - sparse_batch.dense_rows(x.shape[0]) * sparse_batch.width(cfg.k)
+    for rows, path in [((packed_least - 1) // cfg.k, 2), (-(-kept // cfg.k), 0)]:
+        monkeypatch.setattr(sparse_batch, "packed_rows", lambda b, rows=rows: rows)
+        sp = model.forward_backward(params, x, cfg, sparse=True)
+        assert int(sp.stats["path"]) == path, rows
+        np.testing.assert_array_equal(np.asarray(sp.counts), (np.asarray(dense.f) > 0).sum(0))
+        assert_forward_close(sp, dense)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_the_sparse_backward_passes_the_autodiff_check(arch):
     from saejax.sae import gradcheck
 

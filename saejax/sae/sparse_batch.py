@@ -14,14 +14,18 @@ W = 2 k candidates (:func:`saejax.sae.batchtopk.batch_threshold`); the step reus
 3. The threshold t is the (B k)-th largest of the other rows' candidates and the dense rows'
    entries (a bisection on float32 bit patterns whose counts are summed over the mesh), so
    t is the exact batch-wide threshold, equal to the dense step's.
-4. The other rows keep their candidates >= t (all their entries >= t are candidates):
-   decode, decoder gradient, latent gradient and encoder gradient run on these [B, W]
-   values and indices exactly as the TopK kernel's (entries below t enter with
-   coefficient 0); the r dense rows run as [r, F] matmuls (four of them, 1/16 of the
-   dense step's at r = B / 16).
-5. When more than r rows overflow (on some data shard: r is per shard), the exact threshold
-   needs the whole batch, and the step takes the dense path instead (``lax.cond``; the
-   metric ``threshold_path`` = 2 says it happened, as on the dense path).
+4. The other rows keep their candidates >= t (all their entries >= t are candidates).
+   The decode runs on these [B, W] values and indices as the TopK kernel's (entries below
+   t enter with coefficient 0). The kept entries, k per row on average of the W, are then
+   packed in row order (a cumulative sum) into [P, k] slots, P = :func:`packed_rows` (B
+   k kept on average, a quarter more and 64 rows of slack), and the latent gradient's
+   gather-dots and the decoder and encoder gradients' scatter-adds run on them only. The
+   r dense rows run as [r, F] matmuls (four of them, 1/16 of the dense step's at
+   r = B / 16).
+5. When more than r rows overflow (on some data shard: r is per shard), or a shard keeps
+   more entries than the P k slots hold (ties at t, or far more than its share), the step
+   takes the dense path instead (``lax.cond``; the metric ``threshold_path`` = 2 says it
+   happened, as on the dense path).
 
 Matryoshka (:mod:`saejax.sae.matryoshka`: the same features, the loss averaged over G
 nested prefixes) decodes each group separately (G gathers of the entries, each entry's
@@ -62,6 +66,29 @@ def width(k_max: int) -> int:
 def dense_rows(b: int) -> int:
     """Rows entering whole per data shard of ``b`` rows (``batch_threshold``'s B / 16)."""
     return min(b, max(1, b // 16))
+
+
+def packed_rows(b: int) -> int:
+    """Rows of k_max packed entries per data shard of ``b`` rows: room for the b k_max kept
+    entries a shard holds on average, a quarter more and 64 rows of slack, in whole
+    scatter chunks; never more than the 2 b rows all W b candidates fill."""
+    r = -(-5 * b // 4) + 64
+    if b >= sp.CHUNK:
+        r = -(-r // sp.CHUNK) * sp.CHUNK
+    return min(2 * b, r)
+
+
+def _pack(keep: Array, arrays, rows: int, k: int):
+    """The entries of the [b, W] ``arrays`` where ``keep``, in row order, packed into [rows,
+    k] arrays (zeros after the last; entries past rows k are dropped), and how many there
+    were. The gather-dots and scatter-adds then run on the kept entries only, not on every
+    candidate (k kept per row on average of W = 2 k)."""
+    m = keep.reshape(-1)
+    pos = jnp.cumsum(m, dtype=jnp.int32) - 1
+    dest = jnp.where(m, pos, rows * k)
+    packed = [jnp.zeros((rows * k,), a.dtype).at[dest].set(a.reshape(-1), mode="drop").reshape(rows, k)
+              for a in arrays]
+    return packed, pos[-1] + 1
 
 
 def _psum(v, axes: tuple[str, ...]):
@@ -127,8 +154,10 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
     all_axes = data_axes + ((model_axis,) if model_axis else ())
     x_bar = x - params.b_dec
     pre = _mm(x_bar, params.W_enc, precision, contract=(1, 1)) + params.b_enc
-    a = jax.nn.relu(pre)
-    vals, gidx, lidx, mine = sp._select(a, width(k_max), model_axis)   # [b, W], sorted
+    # The top W of pre: the same positive candidates as ReLU(pre)'s, in the same order, and
+    # no pass over [b, F] for the ReLU (non-positive candidates are never kept).
+    vals, gidx, lidx, mine = sp._select(pre, width(k_max), model_axis)  # [b, W], sorted
+    vals = jax.nn.relu(vals)
     n = global_rows * k
     # Candidates are the same on every "model" slice: their counts sum over "data" only.
     t0 = _nth_largest([(vals, data_axes)], n, all_axes)
@@ -140,7 +169,7 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
     path = jnp.where(_psum(n_over, data_axes) == 0, 0, jnp.where(most <= r, 1, 2)).astype(jnp.int32)
     _, ridx = jax.lax.top_k(jnp.where(over, row_min, -1.0), r)              # the dense rows
     picked = jnp.zeros((b,), bool).at[ridx].set(True)
-    a_r = a[ridx]                                                          # [r, F slice]
+    a_r = jax.nn.relu(pre[ridx])                                           # [r, F slice]
     t = _nth_largest([(jnp.where(picked[:, None], 0.0, vals), data_axes), (a_r, all_axes)], n, all_axes)
     keep = (vals >= t) & (vals > 0) & ~picked[:, None]
     a_s = jnp.where(keep, vals, 0.0)
@@ -151,10 +180,26 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
     pos_min = jax.lax.pmin(pos_min, all_axes) if all_axes else pos_min
     kept_min = jnp.where(t > 0, t, pos_min)
     a_mine = a_s if mine is None else jnp.where(mine, a_s, 0.0)
-    a_s, a_mine, lidx, gidx, f_r = jax.lax.optimization_barrier((a_s, a_mine, lidx, gidx, f_r))
+    n_groups = 1 if bounds is None else len(bounds)
+    if n_groups > 1:
+        # Each entry's group, from its global index.
+        ends = jnp.asarray([e for _, e in bounds[:-1]], jnp.int32)
+        grp = jnp.sum(gidx[..., None] >= ends, axis=-1, dtype=jnp.int32)                   # [b, W]
+    # The kept entries this slice holds, packed for the gather-dots and scatter-adds: their
+    # local feature, coefficient, row, and (Matryoshka) upstream-gradient row grp b + row.
+    row_of = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], lidx.shape)
+    cap = packed_rows(b)
+    (p_fid, p_coef, p_row, p_vrow), n_kept = _pack(
+        a_mine > 0, (lidx, a_mine, row_of, row_of if n_groups == 1 else grp * b + row_of), cap, k_max)
+    # More kept entries than the packed rows hold (ties, or a data shard with far more than
+    # its share): the dense step, as when too many rows overflow.
+    full = n_kept > cap * k_max
+    full = jax.lax.pmax(full, all_axes) if all_axes else full
+    path = jnp.where(full, 2, path).astype(jnp.int32)
+    a_s, a_mine, lidx, gidx, f_r, p_fid, p_coef, p_row, p_vrow = jax.lax.optimization_barrier(
+        (a_s, a_mine, lidx, gidx, f_r, p_fid, p_coef, p_row, p_vrow))
     r16 = (lambda z: z.astype(jnp.bfloat16).astype(jnp.float32)) if precision == "bf16" else (lambda z: z)  # noqa: E731
     w_dec = r16(params.W_dec)
-    n_groups = 1 if bounds is None else len(bounds)
     xb_r = x_bar[ridx]
     if n_groups == 1:
         part = sp._gather_rows(w_dec, lidx, r16(a_mine))
@@ -164,16 +209,15 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
         x_hat = params.b_dec + part
         err = x_hat - x
         d_xhat = jax.lax.optimization_barrier(err * (2.0 / (global_rows * d)))
-        d_pre_s = jnp.where(a_mine > 0, sp._gather_dots(w_dec, lidx, r16(d_xhat)), 0.0)
+        v = r16(d_xhat)
+        d_pre_p = jnp.where(p_coef > 0, _gather_dots_by(w_dec, p_fid, v, p_vrow), 0.0)
         d_r = d_xhat[ridx]
         d_pre_r = jnp.where(f_r > 0, _mm(d_r, params.W_dec, precision, contract=(1, 1)), 0.0)
-        g_wdec = sp._chunked_scatter(lidx, r16(a_mine), r16(d_xhat), f) + _mm(f_r, d_r, precision, contract=(0, 0))
+        g_wdec = _scatter_by(p_fid, r16(p_coef), v, p_vrow, f) + _mm(f_r, d_r, precision, contract=(0, 0))
         sum_dxhat = jnp.sum(d_xhat, axis=0)
         sq_prefixes = None
     else:
-        # Each entry's group, from its global index; each local feature's, from the slice's.
-        ends = jnp.asarray([e for _, e in bounds[:-1]], jnp.int32)
-        grp = jnp.sum(gidx[..., None] >= ends, axis=-1, dtype=jnp.int32)                   # [b, W]
+        # Each local feature's group, from the slice's.
         off = 0 if model_axis is None else jax.lax.axis_index(model_axis) * f
         grp_f = jnp.sum((off + jnp.arange(f))[:, None] >= ends, axis=-1, dtype=jnp.int32)  # [F slice]
         if model_axis is None:  # the dense rows' products on each group's columns only
@@ -206,20 +250,19 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
         dcum = jax.lax.optimization_barrier(jnp.cumsum(errs[::-1], axis=0)[::-1] * scale)  # [G, b, D]
         d_r = dcum[:, ridx]
         flat = r16(dcum.reshape(n_groups * b, d))
-        vidx = grp * b + jnp.arange(b, dtype=jnp.int32)[:, None]
-        d_pre_s = jnp.where(a_mine > 0, _gather_dots_by(w_dec, lidx, flat, vidx), 0.0)
+        d_pre_p = jnp.where(p_coef > 0, _gather_dots_by(w_dec, p_fid, flat, p_vrow), 0.0)
         d_f_r = [_mm(d_r[g], params.W_dec[cols[g]], precision, contract=(1, 1)) for g in range(n_groups)]
         d_f_r = (jnp.concatenate(d_f_r, axis=1) if in_group is None
                  else sum(jnp.where(in_group[g], d_f_r[g], 0.0) for g in range(n_groups)))
         d_pre_r = jnp.where(f_r > 0, d_f_r, 0.0)
         g_wdec_r = [_mm(only(g, f_r), d_r[g], precision, contract=(0, 0)) for g in range(n_groups)]
-        g_wdec = _scatter_by(lidx, r16(a_mine), flat, vidx, f) + (
+        g_wdec = _scatter_by(p_fid, r16(p_coef), flat, p_vrow, f) + (
             jnp.concatenate(g_wdec_r, axis=0) if in_group is None else sum(g_wdec_r))
         sum_dxhat = jnp.sum(dcum[0], axis=0)
         sq_prefixes = jnp.sum(jnp.square(errs))
-    g_wenc = sp._chunked_scatter(lidx, r16(d_pre_s), r16(x_bar), f) + _mm(d_pre_r, xb_r, precision, contract=(0, 0))
-    rows = jnp.zeros((f,), jnp.float32).at[lidx.reshape(-1)].add(d_pre_s.reshape(-1)) + jnp.sum(d_pre_r, axis=0)
-    counts = (jnp.zeros((f,), jnp.int32).at[lidx.reshape(-1)].add((a_mine > 0).reshape(-1).astype(jnp.int32))
+    g_wenc = _scatter_by(p_fid, r16(d_pre_p), r16(x_bar), p_row, f) + _mm(d_pre_r, xb_r, precision, contract=(0, 0))
+    rows = jnp.zeros((f,), jnp.float32).at[p_fid.reshape(-1)].add(d_pre_p.reshape(-1)) + jnp.sum(d_pre_r, axis=0)
+    counts = (jnp.zeros((f,), jnp.int32).at[p_fid.reshape(-1)].add((p_coef > 0).reshape(-1).astype(jnp.int32))
               + jnp.sum(f_r > 0, axis=0, dtype=jnp.int32))
     l1_r = jnp.sum(f_r, axis=-1)
     if model_axis is not None:
@@ -262,10 +305,14 @@ def forward_backward(params, x: Float[Array, "B D"], config, stale, ctx, mesh):
     cover the dictionary). The ``Forward`` carries ``counts`` and ``l1_rows``, not ``f``."""
     from saejax.sae import model  # model imports this module's parent
 
-    def dense():
-        # The dense step's Forward in this one's form: counts and per-row L1 in place of f.
+    def dense(path=None):
+        # The dense step's Forward in this one's form: counts and per-row L1 in place of f;
+        # threshold path 2 when the kernel fell back (its packed entries may overflow where
+        # the dense step's own threshold needs no fallback).
         out = model.forward_backward(params, x, config, stale=stale, ctx=ctx, sparse=False, mesh=mesh)
-        return out._replace(f=None, counts=dead.firing_counts(out.f), l1_rows=jnp.sum(jnp.abs(out.f), axis=-1))
+        stats = out.stats if path is None else {**out.stats, "path": path}
+        return out._replace(f=None, counts=dead.firing_counts(out.f), l1_rows=jnp.sum(jnp.abs(out.f), axis=-1),
+                            stats=stats)
 
     if width(ctx.k_max) >= config.n_features:
         return dense()
@@ -274,4 +321,4 @@ def forward_backward(params, x: Float[Array, "B D"], config, stale, ctx, mesh):
         params, x, ctx.k, ctx.k_max, config.precision, mesh, bounds)
     out = sp.finish(params, x, config, stale, err, x_hat, sq, g_wdec, g_wenc, rows, sum_dxhat, recon=recon,
                     stats={"kept_min": kept_min, "path": path}, counts=counts, l1_rows=l1_rows)
-    return jax.lax.cond(path == 2, dense, lambda: out)
+    return jax.lax.cond(path == 2, lambda: dense(path), lambda: out)
