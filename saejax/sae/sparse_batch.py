@@ -189,13 +189,14 @@ def _local(params, x: Float[Array, "B D"], k, k_max: int, precision: str, global
     # local feature, coefficient, row, and (Matryoshka) upstream-gradient row grp b + row.
     row_of = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], lidx.shape)
     cap = packed_rows(b)
-    (p_fid, p_coef, p_row, p_vrow), n_kept = _pack(
-        a_mine > 0, (lidx, a_mine, row_of, row_of if n_groups == 1 else grp * b + row_of), cap, k_max)
+    (p_fid, p_coef, p_row, *p_grp_row), n_kept = _pack(
+        a_mine > 0, (lidx, a_mine, row_of) + (() if n_groups == 1 else (grp * b + row_of,)), cap, k_max)
+    p_vrow = p_grp_row[0] if p_grp_row else p_row
     # More kept entries than the packed rows hold (ties, or a data shard with far more than
     # its share): the dense step, as when too many rows overflow.
     full = n_kept > cap * k_max
     full = jax.lax.pmax(full, all_axes) if all_axes else full
-    path = jnp.where(full, 2, path).astype(jnp.int32)
+    path = jnp.where(full, 2, path)
     a_s, a_mine, lidx, gidx, f_r, p_fid, p_coef, p_row, p_vrow = jax.lax.optimization_barrier(
         (a_s, a_mine, lidx, gidx, f_r, p_fid, p_coef, p_row, p_vrow))
     r16 = (lambda z: z.astype(jnp.bfloat16).astype(jnp.float32)) if precision == "bf16" else (lambda z: z)  # noqa: E731
