@@ -32,8 +32,9 @@ def _parse():
     p.add_argument("--architectures", type=str, default="relu",
                    help="SAE architectures, comma separated (k = 32 where k applies)")
     p.add_argument("--kernels", type=str, default="auto",
-                   help="step kernels (auto,dense,sparse; sparse only for topk); flops of the "
-                        "sparse step are reported as the dense step's (dense-equivalent)")
+                   help="step kernels (auto,dense,sparse; sparse only for topk, batchtopk and "
+                        "matryoshka); flops of the sparse step are reported as the dense step's "
+                        "(dense-equivalent)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--reps", type=int, default=10, help="timed steps (at most; see --max-seconds)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="stop timing a config after this")

@@ -175,9 +175,13 @@ def test_the_cost_model_counts_the_candidates():
     assert sparse.use_sparse(cfg, backend="cpu")                      # 4,096 >= 32 * 2 * 32
     assert not sparse.use_sparse(dataclasses.replace(cfg, n_features=1024), backend="cpu")
     assert sparse.use_sparse(dataclasses.replace(cfg, n_features=1024, step_kernel="sparse"), backend="cpu")
-    # Matryoshka decodes the candidates once per group (5 by default): F >= 32 * 2 k * 5.
-    assert not sparse.use_sparse(dataclasses.replace(cfg, architecture="matryoshka"), backend="cpu")
-    assert sparse.use_sparse(dataclasses.replace(cfg, architecture="matryoshka", n_features=16384), backend="cpu")
+    # Matryoshka, with its kept entries packed, crosses over where BatchTopK does: F >= 32 * 2 k.
+    mat = dataclasses.replace(cfg, architecture="matryoshka")
+    assert sparse.use_sparse(dataclasses.replace(mat, n_features=2048), backend="cpu")
+    assert not sparse.use_sparse(dataclasses.replace(mat, n_features=1024), backend="cpu")
+    assert sparse.use_sparse(dataclasses.replace(mat, k_anneal_start=64, k_anneal_fraction=0.1), backend="cpu")
+    assert not sparse.use_sparse(dataclasses.replace(mat, k_anneal_start=128, k_anneal_fraction=0.1),
+                                 backend="cpu")  # counts the largest k: 4,096 < 32 * 2 * 128
     assert sparse.supports(dataclasses.replace(cfg, architecture="jumprelu")) is not None
 
 

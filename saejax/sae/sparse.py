@@ -90,11 +90,11 @@ def use_sparse(config, mesh: Mesh | None = None, backend: str | None = None) -> 
     backend = backend or jax.default_backend()
     k = max(config.k, config.k_anneal_start or 0)
     if config.architecture in ("batchtopk", "matryoshka"):
-        k = 2 * k  # their kernel works on 2 k candidates per row
-    if config.architecture == "matryoshka":
-        # and decodes them once per group (measured on XLA:CPU, k 32, 5 groups: 0.5x the
-        # dense step at F 4,096, 1.3x at 16,384, 3.4x at 65,536; benchmarks/RESULTS.md).
-        k = k * len(config.groups())
+        # Their kernel works on 2 k candidates per row. Since it packs the kept entries
+        # (sparse_batch.py), Matryoshka's per-group decodes no longer move the crossover:
+        # on XLA:CPU at k 32 both are slower than dense at F 1,024 and faster at 2,048
+        # (1.3x / 1.1x) and 4,096 (1.4x / 1.7x; benchmarks/RESULTS.md, 2026-12-03).
+        k = 2 * k
     return config.n_features >= RATIO.get(backend, RATIO["gpu"]) * k
 
 
