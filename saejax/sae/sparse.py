@@ -93,7 +93,7 @@ def use_sparse(config, mesh: Mesh | None = None, backend: str | None = None) -> 
         # Their kernel works on 2 k candidates per row. Since it packs the kept entries
         # (sparse_batch.py), Matryoshka's per-group decodes no longer move the crossover:
         # on XLA:CPU at k 32 both are slower than dense at F 1,024 and faster at 2,048
-        # (1.3x / 1.1x) and 4,096 (1.4x / 1.7x; benchmarks/RESULTS.md, 2026-12-03).
+        # (1.3x / 1.1x) and 4,096 (1.8x / 1.7x; benchmarks/RESULTS.md, 2026-12-03).
         k = 2 * k
     return config.n_features >= RATIO.get(backend, RATIO["gpu"]) * k
 
