@@ -467,22 +467,18 @@ def test_a_schedule_without_a_length_is_refused_at_the_step(mesh1):
 # problem, seed 0; benchmarks/RESULTS.md has the neighbours that do not): the families
 # differ in what they need, e.g. BatchTopK and Matryoshka learn it from the untied Kaiming
 # init and not from the tied one, JumpReLU needs a threshold that starts near the
-# activations' scale and a wider straight-through window than Gemma Scope's 0.001.
+# activations' scale and a wider straight-through window than Gemma Scope's 0.001, and
+# Matryoshka needs k equal to the problem's mean L0 (3): at k 4 the spare slot per input
+# carries second-group corrections of first-group approximations (90.6%, not 95%).
 EASY = {
     "relu": dict(l1_coefficient=1e-2),
     "topk": dict(k=4, aux_k=8),
     "batchtopk": dict(k=4, aux_k=8, init="kaiming"),
-    "matryoshka": dict(k=4, aux_k=8, init="kaiming", matryoshka_groups=(96, 32), lr_decay_fraction=0.2),
+    "matryoshka": dict(k=3, aux_k=8, init="kaiming", matryoshka_groups=(96, 32), lr_decay_fraction=0.2),
     "jumprelu": dict(l0_coefficient=3e-3, jumprelu_init_threshold=0.05, jumprelu_bandwidth=0.02,
                      sparsity_warmup_fraction=0.1),
     "gated": dict(l1_coefficient=4e-2, init="kaiming", lr_decay_fraction=0.2),
 }
-
-
-MATRYOSHKA_SHORT = pytest.mark.xfail(
-    strict=True, reason="Matryoshka stays below 95% on the easy problem: 90.6% here; 84-95% over the "
-    "group splits, inits, seeds and 5,000-step runs tried (benchmarks/RESULTS.md); the nested loss makes "
-    "the first prefix reconstruct alone, which a flat problem does not reward")
 
 
 def _easy_recovery(arch, mesh1):
@@ -506,16 +502,8 @@ def _easy_recovery(arch, mesh1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [a if a != "matryoshka" else pytest.param(a, marks=MATRYOSHKA_SHORT)
-                                  for a in sorted(EASY)])
+@pytest.mark.parametrize("arch", sorted(EASY))
 def test_every_family_recovers_the_easy_ground_truth(arch, mesh1):
     """>= 95% of the true features at cos >= 0.9 (2x overcomplete, 3 of 64 active)."""
     recovered, l0 = _easy_recovery(arch, mesh1)
     assert recovered >= 0.95, (arch, recovered, l0)
-
-
-@pytest.mark.slow
-def test_matryoshka_recovers_most_of_the_easy_ground_truth(mesh1):
-    """What Matryoshka does reach (90.6% measured; the 95% bar above is not met)."""
-    recovered, _ = _easy_recovery("matryoshka", mesh1)
-    assert recovered >= 0.85, recovered
